@@ -1,0 +1,131 @@
+"""One run: load data -> build model -> baseline (trained or cached) -> prune -> fine-tune -> quantize -> measure.
+
+`run(cfg)` returns the trial's metrics (numbers only, never models); `cli.py` logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pqsweep import measure
+from pqsweep.cache import BaselineCache, baseline_key
+from pqsweep.config import validate
+from pqsweep.data import DataSplits
+from pqsweep.prune import apply_masks, zero_masks
+from pqsweep.train import fit, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Baseline:
+    key: str
+    state: dict
+    cached: bool  # True when this process trained nothing
+    history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]
+    baseline: Baseline
+    baseline_metrics: dict[str, float]
+
+
+def load_data(cfg: DictConfig) -> tuple[DataSplits, dict[str, DataLoader]]:
+    splits: DataSplits = get_method(cfg.dataset._target_)(cfg.dataset)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loaders = {
+        "train": DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=generator),
+        "val": DataLoader(splits.val, batch_size=cfg.measure.eval_batch_size),
+        "test": DataLoader(splits.test, batch_size=cfg.measure.eval_batch_size),
+    }
+    return splits, loaders
+
+
+def build_model(cfg: DictConfig, splits: DataSplits) -> nn.Module:
+    factory = get_method(cfg.model._target_)
+    return factory(num_classes=splits.num_classes, in_channels=splits.in_channels, pretrained=cfg.model.pretrained)
+
+
+def baseline(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> Baseline:
+    """Train the baseline, or load it from the cache when the settings that shape it were trained before."""
+    cache = BaselineCache(cfg.cache.dir)
+    key = baseline_key(cfg)
+    with cache.lock(key):
+        entry = cache.load(key)
+        if entry is not None:
+            log.info("baseline %s: loaded from cache %s (trained nothing)", key, cache.path(key))
+            return Baseline(key, entry["state_dict"], cached=True, history=entry["history"])
+        log.info("baseline %s: not in cache, training %d epochs", key, cfg.train.epochs)
+        history = fit(model, loaders["train"], cfg.train, cfg.train.epochs, device=cfg.device, desc="baseline")
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        cache.save(key, {"state_dict": state, "history": history, "config": OmegaConf.to_yaml(cfg)})
+        return Baseline(key, state, cached=False, history=history)
+
+
+def prune_and_finetune(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> None:
+    get_method(cfg.pruning._target_)(model, cfg.pruning)
+    if cfg.pruning.amount == 0 or cfg.train.finetune_epochs == 0:
+        return
+    masks = zero_masks(model)
+    lr = cfg.train.finetune_lr if cfg.train.finetune_lr is not None else cfg.train.optimizer.lr / 10
+    fit(model, loaders["train"], cfg.train, cfg.train.finetune_epochs, lr=lr, device=cfg.device,
+        after_step=lambda: apply_masks(model, masks), desc="finetune")
+
+
+def quantize(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> nn.Module:
+    return get_method(cfg.quantization._target_)(model.cpu().eval(), cfg.quantization, loaders["train"])
+
+
+def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
+    with tqdm(total=len(loader), desc=desc, unit="batch", leave=False) as bar:
+        return measure.accuracy(model, loader, progress=bar)
+
+
+def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
+    """Every metric of a deployable model; MACs come from its float counterpart (quantized ops are not counted)."""
+    metrics = evaluate(deployed, loaders["test"], "evaluate")
+    if not mcfg.top5:
+        metrics.pop("top5")
+    metrics.update(measure.sizes(deployed))
+    metrics.update(measure.parameter_counts(deployed))
+    metrics["macs"] = measure.macs(float_model, example)
+    metrics.update(measure.latency(deployed, example, mcfg.threads, mcfg.warmup, mcfg.repeats))
+    return metrics
+
+
+def run(cfg: DictConfig) -> RunResult:
+    validate(cfg)
+    seed_everything(cfg.train.seed)
+    splits, loaders = load_data(cfg)
+    model = build_model(cfg, splits)
+    base = baseline(cfg, model, loaders)
+    model.load_state_dict(base.state)
+    model.cpu().eval()
+    example = next(iter(loaders["test"]))[0][:1]
+
+    # The baseline as deployed at fp32, measured in this process so deltas compare like with like.
+    baseline_metrics = measure_all(model, model, loaders, example, cfg.measure)
+
+    seed_everything(cfg.train.seed)
+    compressed = copy.deepcopy(model)
+    prune_and_finetune(cfg, compressed, loaders)
+    compressed.cpu().eval()
+    deployed = quantize(cfg, compressed, loaders)
+    metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
+
+    metrics["top1_delta"] = metrics["top1"] - baseline_metrics["top1"]
+    metrics["reduction_factor"] = baseline_metrics["size_mb"] / metrics["size_mb"]
+    metrics["reduction_factor_gzip"] = baseline_metrics["size_gzip_mb"] / metrics["size_gzip_mb"]
+    metrics["baseline_top1"] = baseline_metrics["top1"]
+    return RunResult(metrics, base, baseline_metrics)

@@ -1,0 +1,62 @@
+"""Pruning methods. Each is `fn(model, cfg)`: it zeroes weights in place and folds the masks in (permanent).
+
+Prunable weights are the weight tensors of every Conv2d and Linear layer, classifier included, as in ShrinkBench;
+biases and BatchNorm parameters are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE):
+            yield name, module
+
+
+def no_pruning(model: nn.Module, cfg) -> None:
+    """The dense baseline: keep every weight."""
+
+
+def global_magnitude(model: nn.Module, cfg) -> None:
+    """Unstructured L1-magnitude pruning ranked over all prunable layers together (Han et al.)."""
+    if cfg.amount == 0:
+        return
+    params = [(module, "weight") for _, module in prunable_layers(model)]
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(cfg.amount))
+    _fold_masks(model)
+
+
+def layer_magnitude(model: nn.Module, cfg) -> None:
+    """Unstructured L1-magnitude pruning of the same fraction in every prunable layer."""
+    if cfg.amount == 0:
+        return
+    for _, module in prunable_layers(model):
+        torch_prune.l1_unstructured(module, "weight", amount=float(cfg.amount))
+    _fold_masks(model)
+
+
+def _fold_masks(model: nn.Module) -> None:
+    """Make the zeros part of the weights, so what is saved and measured is the pruned model itself."""
+    for _, module in prunable_layers(model):
+        if torch_prune.is_pruned(module):
+            torch_prune.remove(module, "weight")
+
+
+def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where each prunable weight is zero now; fine-tuning re-applies these so pruned weights stay pruned."""
+    return {name: module.weight.detach() == 0 for name, module in prunable_layers(model)}
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, module in prunable_layers(model):
+            if name in masks and masks[name].any():
+                module.weight.masked_fill_(masks[name], 0.0)

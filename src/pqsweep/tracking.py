@@ -1,0 +1,113 @@
+"""MLflow tracking: a trial run per task, a baseline run per baseline, a parent run per multirun (Hydra callback)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "PQSWEEP_PARENT_RUN_ID"
+GROUPS = ("model", "dataset", "pruning", "quantization")
+
+
+def resolve_uri(uri: str) -> str:
+    """sqlite:///relative.db -> sqlite:////absolute/relative.db, so every process of a sweep writes one store."""
+    match = re.fullmatch(r"sqlite:///(?!/)(.+)", uri)
+    return f"sqlite:///{Path(match.group(1)).resolve()}" if match else uri
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point mlflow at the configured store and experiment; returns the experiment id."""
+    mlflow.set_tracking_uri(resolve_uri(cfg.tracking.uri))
+    return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+
+
+def flat_params(cfg: DictConfig, groups: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The resolved config as dot keys, plus each group's chosen option under the group's own name."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if groups is not None:
+        container = {k: v for k, v in container.items() if k in groups}
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = str(node)[:6000]
+
+    walk("", container)
+    for group in GROUPS:
+        if group in container:
+            flat[group] = str(cfg[group].name)
+    return flat
+
+
+def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags=None) -> None:
+    """MLflow takes at most 100 params per batch; send them in slices."""
+    params = [Param(k, v) for k, v in (params or {}).items()]
+    for start in range(0, max(len(params), 1), 100):
+        client.log_batch(run_id, params=params[start : start + 100])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+
+
+def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str | None:
+    runs = client.search_runs(
+        [experiment_id], f"tags.stage = 'baseline' and tags.baseline_hash = '{key}'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], config_yaml: str) -> str:
+    """Log the baseline once per tracking store (also when it came from the cache); returns its run id."""
+    client = MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    existing = find_baseline_run(client, experiment_id, key)
+    if existing:
+        return existing
+    run = client.create_run(
+        experiment_id,
+        run_name=f"baseline-{cfg.model.name}-{cfg.dataset.name}-{key[:8]}",
+        tags={"stage": "baseline", "baseline_hash": key, "sweep": cfg.study.name},
+    )
+    params = flat_params(cfg, groups=("model", "dataset", "train", "device"))
+    log_batch(client, run.info.run_id, params=params, metrics=metrics)
+    client.log_text(run.info.run_id, config_yaml, "config.yaml")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+class ParentRunCallback(Callback):
+    """Opens one MLflow parent run per multirun; trials (in this process or launcher workers) log under it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweeper = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        params = {f"sweeper.{k}": str(v) for k, v in OmegaConf.to_container(sweeper).items()}
+        params["objectives"] = ",".join(config.study.objectives)
+        experiment_id = setup(config)
+        client = MlflowClient()
+        run = client.create_run(
+            experiment_id, run_name=f"sweep-{config.study.name}", tags={"stage": "sweep", "sweep": config.study.name}
+        )
+        log_batch(client, run.info.run_id, params=params)
+        os.environ[PARENT_ENV] = run.info.run_id
+        log.info("MLflow parent run %s (sweep %s) at %s", run.info.run_id, config.study.name, mlflow.get_tracking_uri())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_id = os.environ.pop(PARENT_ENV, None)
+        if run_id:
+            MlflowClient().set_terminated(run_id, "FINISHED")

@@ -1,0 +1,185 @@
+"""Data builders: the embedded sets directly, the on-disk formats through tiny files written in the real formats."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import struct
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from pqsweep.config import register
+from pqsweep.data import DataSplits
+
+CONF_DIR = Path(__file__).parents[1] / "conf"
+register()
+
+
+def build(*overrides: str) -> DataSplits:
+    """Compose the real config with `overrides` and call the dataset's builder the way the pipeline does."""
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=list(overrides))
+    return hydra.utils.get_method(cfg.dataset._target_)(cfg.dataset)
+
+
+def check_items(splits: DataSplits, shape: tuple[int, ...]) -> None:
+    for split in (splits.train, splits.val, splits.test):
+        image, label = split[0]
+        assert image.dtype == torch.float32 and tuple(image.shape) == shape
+        assert isinstance(label, int) and 0 <= label < splits.num_classes
+    assert (splits.in_channels, splits.image_size, splits.image_size) == shape
+
+
+def sizes(splits: DataSplits) -> tuple[int, int, int]:
+    return len(splits.train), len(splits.val), len(splits.test)
+
+
+# --- embedded sets ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, total, side", [("digits", 1797, 8), ("mnist5k", 5000, 28)])
+def test_embedded_splits_are_stratified_and_deterministic(name, total, side):
+    first, again = build(f"dataset={name}"), build(f"dataset={name}")
+    train, val, test = sizes(first)
+    assert train + val + test == total
+    assert test == pytest.approx(0.2 * total, abs=1) and val == pytest.approx(0.1 * (train + val), abs=1)
+    check_items(first, (1, side, side))
+    assert first.num_classes == 10
+    for a, b in zip((first.train, first.val, first.test), (again.train, again.val, again.test)):
+        assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+        assert set(a.tensors[1].tolist()) == set(range(10))  # stratified: every class in every split
+    reseeded = build(f"dataset={name}", "dataset.split_seed=1")
+    assert not torch.equal(first.val.tensors[0], reseeded.val.tensors[0])
+
+
+def test_digits_are_normalised_with_train_stats():
+    images = build("dataset=digits").train.tensors[0]
+    assert images.mean().item() == pytest.approx(0.0, abs=1e-4) and images.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_resize_of_tensor_sets():
+    splits = build("dataset=digits", "dataset.resize=16")
+    check_items(splits, (1, 16, 16))
+    assert sum(sizes(splits)) == 1797
+
+
+# --- on-disk formats -----------------------------------------------------------------------------------------
+
+
+def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> None:
+    """The python version of CIFAR-10: pickled dicts, 3072 bytes per image (R, G, B planes of 32x32).
+
+    The official files are Python 2 pickles whose keys torchvision loads as str (encoding="latin1"), so str keys
+    here are their faithful equivalent; bytes keys (b"data") would not be found by torchvision's reader.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(path: Path, n: int, label: str) -> None:
+        entry = {
+            "batch_label": label,
+            "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
+        path.write_bytes(pickle.dumps(entry, protocol=2))
+
+    for i in range(1, 6):
+        batch(folder / f"data_batch_{i}", per_batch, f"training batch {i} of 5")
+    batch(folder / "test_batch", n_test, "testing batch 1 of 1")
+    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def write_idx(raw: Path, n_train: int = 20, n_test: int = 10) -> None:
+    """MNIST's unpacked IDX files: big-endian header (magic 2051 images / 2049 labels, then the dims), then uint8s."""
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class=(("train", 4), ("val", 2))) -> None:
+    """ImageFolder layout root/{train,val}/<class>/*.png, non-square so the resize and centre crop matter."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_cifar10_from_pickled_batches(tmp_path):
+    write_cifar10(tmp_path)
+    splits = build("dataset=cifar10", f"dataset.root={tmp_path}")
+    assert sizes(splits) == (18, 2, 6)  # 20 training images, 10 % of them held out for validation
+    assert splits.num_classes == 10
+    check_items(splits, (3, 32, 32))
+    resized = build("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.resize=16")
+    check_items(resized, (3, 16, 16))
+
+
+@pytest.mark.parametrize("option, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_formats_from_idx_files(tmp_path, option, folder):
+    write_idx(tmp_path / folder / "raw")
+    splits = build(f"dataset={option}", f"dataset.root={tmp_path}")
+    assert sizes(splits) == (18, 2, 10)
+    assert splits.num_classes == 10
+    check_items(splits, (1, 28, 28))
+    again = build(f"dataset={option}", f"dataset.root={tmp_path}")
+    assert splits.val.indices == again.val.indices  # the held-out share is deterministic
+    check_items(build(f"dataset={option}", f"dataset.root={tmp_path}", "dataset.resize=32"), (1, 32, 32))
+
+
+def test_imagenet_from_image_folders(tmp_path):
+    write_image_folder(tmp_path)
+    splits = build("dataset=imagenet", f"dataset.root={tmp_path}", "dataset.resize=32")
+    assert sizes(splits) == (11, 1, 6)
+    assert splits.num_classes == 3
+    check_items(splits, (3, 32, 32))
+    assert {label for _, label in splits.test} == {0, 1, 2}
+
+
+def test_imagenet_refuses_mismatched_class_folders(tmp_path):
+    write_image_folder(tmp_path)
+    for png in (tmp_path / "val" / "dog").iterdir():
+        png.unlink()
+    (tmp_path / "val" / "dog").rmdir()
+    with pytest.raises(ValueError, match="different class folders"):
+        build("dataset=imagenet", f"dataset.root={tmp_path}")
+
+
+@pytest.mark.parametrize("option", ["cifar10", "mnist", "fashion_mnist", "imagenet"])
+def test_missing_root_fails_in_one_line_naming_it(tmp_path, option):
+    root = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"dataset.root={root}: no ")) as err:
+        build(f"dataset={option}", f"dataset.root={root}")
+    assert "\n" not in str(err.value)
+    assert not root.exists()  # failed before torchvision could create anything
+
+
+def test_imagenet_cannot_be_downloaded(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no automatic download"):
+        build("dataset=imagenet", f"dataset.root={tmp_path}", "dataset.download=true")
+
+
+# --- fake ------------------------------------------------------------------------------------------------------
+
+
+def test_fake_shapes_and_splits():
+    splits = build("dataset=fake", "dataset.num_samples=50", "dataset.image_size=24", "dataset.channels=3")
+    assert sizes(splits) == (36, 4, 10)
+    check_items(splits, (3, 24, 24))
+    assert not torch.equal(splits.train[0][0], splits.test[0][0])  # offsets keep the splits apart
+    check_items(build("dataset=fake", "dataset.num_samples=20", "dataset.resize=40"), (3, 40, 40))
