@@ -123,13 +123,17 @@ class Config:
 
 
 def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent: the CLI and the tests both call it)."""
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="schema/model", name="model", node=ModelConfig)
-    cs.store(group="schema/dataset", name="dataset", node=DatasetConfig)
-    cs.store(group="schema/dataset", name="fake", node=FakeDatasetConfig)
-    cs.store(group="schema/pruning", name="pruning", node=PruningConfig)
-    cs.store(group="schema/quantization", name="quantization", node=QuantizationConfig)
+    for group, name, node in [
+        (None, "config_schema", Config),
+        ("schema/model", "model", ModelConfig),
+        ("schema/dataset", "dataset", DatasetConfig),
+        ("schema/dataset", "fake", FakeDatasetConfig),
+        ("schema/pruning", "pruning", PruningConfig),
+        ("schema/quantization", "quantization", QuantizationConfig),
+    ]:
+        cs.store(group=group, name=name, node=node, replace=True)
 
 
 class ConfigError(ValueError):

@@ -27,8 +27,21 @@ def resolve_uri(uri: str) -> str:
 
 
 def setup(cfg: DictConfig) -> str:
-    """Point mlflow at the configured store and experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(resolve_uri(cfg.tracking.uri))
+    """Point mlflow at the configured store and experiment; returns the experiment id.
+
+    A new experiment on a SQLite store keeps its artifacts in `mlartifacts/` beside the database file (MLflow's
+    default is `./mlruns` under whatever directory the process happens to run in).
+    """
+    uri = resolve_uri(cfg.tracking.uri)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # another process of the same sweep created it first
     return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
 
 
@@ -96,7 +109,8 @@ class ParentRunCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = OmegaConf.select(config, "hydra.sweeper.params") or {}
-        params = {f"sweeper.{k}": str(v) for k, v in OmegaConf.to_container(sweeper).items()}
+        params = {f"sweeper.{k}": str(v) for k, v in sweeper.items()}
+        params["sweeper"] = OmegaConf.select(config, "hydra.runtime.choices.hydra/sweeper") or "basic"
         params["objectives"] = ",".join(config.study.objectives)
         experiment_id = setup(config)
         client = MlflowClient()

@@ -1,0 +1,41 @@
+# pqsweep: `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SWEEP ?= mnist_cnn_sparsity_x_precision
+STAMP := $(VENV)/.installed
+
+help: ## list the targets
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pqsweep with its test extras (quick when nothing changed)
+
+run: install ## run the default sweep on embedded MNIST digits (no download) and print its table
+	$(BIN)/pqsweep -m sweep=$(SWEEP)
+	$(BIN)/pqsweep-report $(SWEEP)
+
+test: install ## run the test suite (end-to-end sweeps included; `-m "not slow"` skips them)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+sweep: install ## run one study from sweeps/: make sweep SWEEP=<name>
+	$(BIN)/pqsweep -m sweep=$(SWEEP)
+
+report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
+	$(BIN)/pqsweep-report $(SWEEP)
+
+ui: install ## the MLflow UI for ./mlflow.db on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove run outputs, the baseline cache and the local MLflow store (keeps .venv)
+	rm -rf outputs multirun .pqsweep_cache mlflow.db mlartifacts .pytest_cache
+
+.PHONY: help install run test sweep report ui clean

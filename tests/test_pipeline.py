@@ -1,0 +1,71 @@
+"""A whole run on the embedded digits, logged to a real MLflow store on temporary SQLite."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pqsweep.cli import run_and_log
+from pqsweep.tracking import resolve_uri
+
+METRICS = {
+    "top1", "top5", "top1_delta", "params_total", "params_nonzero", "sparsity", "macs", "size_mb", "size_gzip_mb",
+    "reduction_factor", "latency_ms_p50", "latency_ms_p90",
+}
+
+
+def runs(cfg, stage: str):
+    mlflow.set_tracking_uri(resolve_uri(cfg.tracking.uri))
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    return MlflowClient().search_runs([experiment.experiment_id], f"tags.stage = '{stage}'")
+
+
+def test_run_logs_metrics_params_tags_and_config(make_cfg):
+    cfg = make_cfg("pruning=global_magnitude", "pruning.amount=0.5", "quantization=static_int8")
+    metrics = run_and_log(cfg)
+
+    assert METRICS <= set(metrics)
+    assert metrics["top1"] > 30  # ten classes: chance is 10 %, two epochs already learn digits
+    assert 0.5 <= metrics["sparsity"] <= 0.53  # int8 rounding may zero a few more weights, never fewer
+    assert metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
+    assert metrics["reduction_factor"] > 2.5  # int8 weights; small layers keep some fp32 overhead
+
+    (trial,) = runs(cfg, "trial")
+    assert trial.info.status == "FINISHED"
+    params, tags = trial.data.params, trial.data.tags
+    assert {params[g] for g in ("model", "dataset", "pruning", "quantization")} == {
+        "cnn", "digits", "global_magnitude", "static_int8"
+    }
+    assert params["pruning.amount"] == "0.5" and params["train.epochs"] == "2"
+    assert params["quantization.backend"] == "x86"
+    assert tags["stage"] == "trial" and tags["sweep"] == "adhoc" and tags["baseline_cached"] == "false"
+    assert trial.data.metrics["top1"] == pytest.approx(metrics["top1"])
+    config_yaml = mlflow.artifacts.load_text(f"{trial.info.artifact_uri}/config.yaml")
+    assert "global_magnitude" in config_yaml
+
+    (baseline,) = runs(cfg, "baseline")
+    assert baseline.data.tags["baseline_hash"] == tags["baseline_hash"]
+    assert baseline.data.metrics["sparsity"] == 0.0
+    assert metrics["top1_delta"] == pytest.approx(metrics["top1"] - baseline.data.metrics["top1"])
+
+
+def test_second_run_reuses_the_baseline_and_logs_it_once(make_cfg):
+    run_and_log(make_cfg())
+    second = run_and_log(make_cfg("quantization=fp16", "measure.repeats=3"))
+
+    trials = runs(make_cfg(), "trial")
+    assert len(trials) == 2
+    assert {t.data.tags["baseline_cached"] for t in trials} == {"false", "true"}
+    assert len(runs(make_cfg(), "baseline")) == 1
+    assert second["size_mb"] < 0.6 * runs(make_cfg(), "baseline")[0].data.metrics["size_mb"]
+
+
+def test_a_failing_run_is_recorded_as_failed(make_cfg):
+    # AlexNet's 11x11 stride-4 stem cannot run on 8x8 digits: a real failure, raised inside the run.
+    cfg = make_cfg("model=alexnet")
+    with pytest.raises(RuntimeError):
+        run_and_log(cfg)
+    (trial,) = runs(cfg, "trial")
+    assert trial.info.status == "FAILED"
+    assert "RuntimeError" in trial.data.tags["error"]

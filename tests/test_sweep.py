@@ -1,0 +1,74 @@
+"""End to end: `pqsweep -m` as a subprocess, then the sweep read back from MLflow and by `pqsweep-report`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def pqsweep(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "pqsweep.cli", "-m", *args,
+        "dataset=digits", "train.epochs=1", "train.finetune_epochs=1", "measure.warmup=2", "measure.repeats=5",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"cache.dir={tmp_path}/cache",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def sweep_runs(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("pqsweep")
+    client = MlflowClient()
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    baselines = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
+    return parent, children, baselines
+
+
+def test_grid_multirun_logs_children_under_one_parent_and_trains_once(tmp_path):
+    done = pqsweep(tmp_path, "pruning=global_magnitude", "pruning.amount=0,0.5", "quantization=none,static_int8")
+    output = done.stdout + done.stderr
+    assert output.count("not in cache, training") == 1
+    assert output.count("loaded from cache") == 3
+
+    parent, children, baselines = sweep_runs(tmp_path)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert {(c.data.params["pruning.amount"], c.data.params["quantization"]) for c in children} == {
+        ("0.0", "none"), ("0.0", "static_int8"), ("0.5", "none"), ("0.5", "static_int8")
+    }
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2", "3"]
+    assert len(baselines) == 1
+
+    report = subprocess.run(
+        [sys.executable, "-m", "pqsweep.report", "adhoc", "--uri", f"sqlite:///{tmp_path}/mlflow.db",
+         "--csv", str(tmp_path / "table.csv")],
+        capture_output=True, text=True, check=True,
+    )
+    assert "4 trials" in report.stdout
+    assert len((tmp_path / "table.csv").read_text().splitlines()) == 5  # header + 4 trials
+
+
+def test_optuna_grid_records_failed_trials_and_goes_on(tmp_path):
+    # The sweep file's Optuna grid, narrowed on the command line; AlexNet cannot run on 8x8 digits, so its
+    # trials fail for real. They must be recorded as FAILED and the sweep must finish the others.
+    pqsweep(tmp_path, "sweep=mnist_cnn_sparsity_x_precision", "pruning.amount=0,0.9", "model=cnn,alexnet",
+            "quantization=static_int8")
+
+    parent, children, _ = sweep_runs(tmp_path)
+    assert parent.data.tags["sweep"] == "mnist_cnn_sparsity_x_precision"
+    status = sorted((c.data.params["model"], c.data.params["pruning.amount"], c.info.status) for c in children)
+    assert status == [
+        ("alexnet", "0.0", "FAILED"), ("alexnet", "0.9", "FAILED"),
+        ("cnn", "0.0", "FINISHED"), ("cnn", "0.9", "FINISHED"),
+    ]
+    assert all("error" in c.data.tags for c in children if c.info.status == "FAILED")
+    assert max(c.data.metrics["sparsity"] for c in children if c.info.status == "FINISHED") == pytest.approx(0.9, abs=0.005)
