@@ -23,10 +23,12 @@ from pqsweep.config import ConfigError, validate
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     """Split overrides into fixed ones and, per discrete sweep, its single-value alternatives.
 
-    Continuous sweeps (interval) are left to the sweeper, which samples inside their bounds.
+    Continuous sweeps (interval) are left to the sweeper, which samples inside their bounds. Call it inside an
+    initialized Hydra context: glob sweeps over a group (`model=glob(resnet*)`) need the config loader.
     """
     fixed, sweeps = [], []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    for override in parser.parse_overrides(overrides):
         if override.is_hydra_override():
             continue
         if not override.is_sweep_override():
@@ -55,16 +57,18 @@ def one_line(override: str, error: Exception) -> str:
 
 def check(overrides: list[str], config_dir: Path) -> str | None:
     """Returns the one-line error of the first bad value, or None when every value composes and validates."""
-    fixed, sweeps = expand(overrides)
     with initialize_config_dir(config_dir=str(config_dir)):
         try:
+            fixed, sweeps = expand(overrides)
             cfg = compose("config", overrides=fixed, return_hydra_config=True)
             validate(cfg)
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
-            return one_line(" ".join(fixed), error)
-        # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep.
+            return one_line(" ".join(overrides), error)
+        # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
+        # keys the command line sets itself: those replace the file's grid entries.
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
-        given = {alternatives[0].split("=", 1)[0] for alternatives in sweeps}
+        given = {override.split("=", 1)[0] for override in fixed}
+        given |= {alternatives[0].split("=", 1)[0] for alternatives in sweeps}
         sweeps += expand([f"{k}={v}" for k, v in params.items() if k not in given])[1]
         for alternatives in sweeps:
             for override in alternatives:

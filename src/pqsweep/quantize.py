@@ -56,18 +56,19 @@ def static_int8(model: nn.Module, cfg, calibration: Iterable) -> nn.Module:
     on `cfg.calibration_batches` training batches; per-channel weights unless `per_channel=false`."""
     _set_engine(cfg.backend)
     with _quiet_deprecations():
-        from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
-        from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+        from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping
+        from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-        mapping = get_default_qconfig_mapping(cfg.backend.value)
-        if not cfg.per_channel:
-            # x86/fbgemm default to per-channel weights; per-tensor is the plain affine scheme of older papers
-            reduce_range = cfg.backend.value != "qnnpack"
-            mapping = QConfigMapping().set_global(QConfig(
-                activation=HistogramObserver.with_args(reduce_range=reduce_range),
-                weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric),
-            ))
+        # The backend's own mapping (activation observers, fixed-qparams ops), with the weight granularity asked
+        # for: backends differ in their defaults (x86/fbgemm per-channel, qnnpack per-tensor), the config does not.
+        backend = cfg.backend.value
+        if cfg.per_channel:
+            weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        else:
+            weight = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        activation = get_default_qconfig(backend).activation
+        mapping = get_default_qconfig_mapping(backend).set_global(QConfig(activation=activation, weight=weight))
         float_model = copy.deepcopy(model).cpu().eval()
         batches = [x.cpu() for x, _ in islice(calibration, cfg.calibration_batches)]
         prepared = prepare_fx(float_model, mapping, example_inputs=(batches[0][:1],))
