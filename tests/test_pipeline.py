@@ -69,3 +69,11 @@ def test_a_failing_run_is_recorded_as_failed(make_cfg):
     (trial,) = runs(cfg, "trial")
     assert trial.info.status == "FAILED"
     assert "RuntimeError" in trial.data.tags["error"]
+
+
+def test_a_trial_does_not_depend_on_who_filled_the_cache(make_cfg):
+    cfg = make_cfg("pruning=global_magnitude", "pruning.amount=0.7", "quantization=static_int8")
+    first = run_and_log(cfg)  # trains the baseline, then prunes and fine-tunes
+    again = run_and_log(cfg)  # loads it: fine-tuning and calibration must see the same batches
+    for name in ("top1", "top5", "sparsity", "size_mb", "params_nonzero"):
+        assert again[name] == first[name], name

@@ -117,7 +117,10 @@ def run(cfg: DictConfig) -> RunResult:
     # The baseline as deployed at fp32, measured in this process so deltas compare like with like.
     baseline_metrics = measure_all(model, model, loaders, example, cfg.measure)
 
+    # Same random state after the baseline whether it was trained here or loaded: a trial's result must not
+    # depend on whether it was the one that filled the cache.
     seed_everything(cfg.train.seed)
+    loaders["train"].generator.manual_seed(cfg.train.seed)
     compressed = copy.deepcopy(model)
     prune_and_finetune(cfg, compressed, loaders)
     compressed.cpu().eval()
