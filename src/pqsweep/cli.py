@@ -51,6 +51,9 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
         mlflow.log_text(config_yaml, "config.yaml")
         try:
             result = run(cfg)
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")  # stopped by the user, not a failure of the method
+            raise
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             raise  # mlflow.start_run's context marks the run FAILED
