@@ -168,6 +168,9 @@ BAD_INPUT = {
     "bad grid option": (["quantization=none,fp8"], ["quantization=fp8", *options("quantization")]),
     "bad range value": (["train.epochs=range(-1,2)"], ["train.epochs=-1"]),
     "unknown sweep": (["sweep=nope"], ["sweep=nope", *options("sweep")]),
+    "unknown objective": (["study.objectives=[top_1]"], ["study.objectives", "top1", "size_mb"]),
+    "directions vs objectives": (["sweep=mnist_cnn_sparsity_x_precision", "study.objectives=[top1]"],
+                                 ["hydra.sweeper.direction", "2 direction(s)", "1 study.objectives"]),
 }
 
 

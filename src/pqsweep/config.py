@@ -136,6 +136,13 @@ def register() -> None:
         cs.store(group=group, name=name, node=node, replace=True)
 
 
+# What a run measures (MLflow metric names); a sweep's `study.objectives` are chosen among these.
+METRICS = (
+    "top1", "top5", "top1_delta", "baseline_top1", "params_total", "params_nonzero", "sparsity", "macs", "size_mb",
+    "size_gzip_mb", "reduction_factor", "reduction_factor_gzip", "latency_ms_p50", "latency_ms_p90", "latency_threads",
+)
+
+
 class ConfigError(ValueError):
     """A config value outside its allowed range; the message is one line naming the key."""
 
@@ -153,6 +160,9 @@ def validate(cfg: DictConfig) -> None:
         ("measure.repeats", cfg.measure.repeats, cfg.measure.repeats >= 2, "an integer >= 2"),
         ("device", cfg.device, cfg.device.split(":")[0] in ("cpu", "cuda"), "cpu or cuda[:N]"),
     ]
+    unknown = [name for name in cfg.study.objectives if name not in METRICS]
+    if unknown or not cfg.study.objectives:
+        checks.append(("study.objectives", list(cfg.study.objectives), False, f"metric names among {', '.join(METRICS)}"))
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")

@@ -55,6 +55,19 @@ def one_line(override: str, error: Exception) -> str:
     return f"{override}: {str(error).splitlines()[0]}"
 
 
+def check_directions(cfg) -> None:
+    """An Optuna sweep needs one direction per objective, or every trial's result is refused."""
+    direction = OmegaConf.select(cfg, "hydra.sweeper.direction")
+    if direction is None:
+        return  # not an Optuna sweep
+    count = len(direction) if OmegaConf.is_list(direction) else 1
+    if count != len(cfg.study.objectives):
+        raise ConfigError(
+            f"hydra.sweeper.direction has {count} direction(s) for {len(cfg.study.objectives)} "
+            f"study.objectives {list(cfg.study.objectives)}: give one direction per objective"
+        )
+
+
 def check(overrides: list[str], config_dir: Path) -> str | None:
     """Returns the one-line error of the first bad value, or None when every value composes and validates."""
     with initialize_config_dir(config_dir=str(config_dir)):
@@ -62,6 +75,7 @@ def check(overrides: list[str], config_dir: Path) -> str | None:
             fixed, sweeps = expand(overrides)
             cfg = compose("config", overrides=fixed, return_hydra_config=True)
             validate(cfg)
+            check_directions(cfg)
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
             return one_line(" ".join(overrides), error)
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
