@@ -43,6 +43,8 @@ def test_run_logs_metrics_params_tags_and_config(make_cfg):
     (baseline,) = runs(cfg, "baseline")
     assert baseline.data.tags["baseline_hash"] == tags["baseline_hash"]
     assert baseline.data.metrics["sparsity"] == 0.0
+    losses = MlflowClient().get_metric_history(baseline.info.run_id, "train_loss")
+    assert [m.step for m in losses] == [0, 1] and losses[1].value < losses[0].value  # two epochs, learning
     assert metrics["top1_delta"] == pytest.approx(metrics["top1"] - baseline.data.metrics["top1"])
 
 

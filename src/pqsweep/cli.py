@@ -22,7 +22,7 @@ from hydra.utils import execution_whitelist
 from omegaconf import DictConfig, OmegaConf
 
 from pqsweep import tracking
-from pqsweep.cache import baseline_key
+from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.config import TRUSTED_TARGETS, register
 from pqsweep.pipeline import run
 from pqsweep.preflight import preflight
@@ -59,7 +59,8 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
             raise  # mlflow.start_run's context marks the run FAILED
         mlflow.set_tag("baseline_cached", str(result.baseline.cached).lower())
         mlflow.log_metrics(result.metrics)
-    tracking.log_baseline(cfg, key, result.baseline_metrics, config_yaml)
+    with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
+        tracking.log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)
     m = result.metrics
     log.info(
         "run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",

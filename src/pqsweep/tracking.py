@@ -85,8 +85,11 @@ def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str
     return runs[0].info.run_id if runs else None
 
 
-def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], config_yaml: str) -> str:
-    """Log the baseline once per tracking store (also when it came from the cache); returns its run id."""
+def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: list[float], config_yaml: str) -> str:
+    """Log the baseline once per tracking store (also when it came from the cache); returns its run id.
+
+    `history` is the mean training loss per epoch, logged as the `train_loss` series.
+    """
     client = MlflowClient()
     experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     existing = find_baseline_run(client, experiment_id, key)
@@ -99,6 +102,7 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], config_ya
     )
     params = flat_params(cfg, groups=("model", "dataset", "train", "device"))
     log_batch(client, run.info.run_id, params=params, metrics=metrics)
+    client.log_batch(run.info.run_id, metrics=[Metric("train_loss", loss, 0, epoch) for epoch, loss in enumerate(history)])
     client.log_text(run.info.run_id, config_yaml, "config.yaml")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
