@@ -72,3 +72,14 @@ def test_optuna_grid_records_failed_trials_and_goes_on(tmp_path):
     ]
     assert all("error" in c.data.tags for c in children if c.info.status == "FAILED")
     assert max(c.data.metrics["sparsity"] for c in children if c.info.status == "FINISHED") == pytest.approx(0.9, abs=0.005)
+
+
+def test_parallel_trials_with_joblib_train_and_log_the_baseline_once(tmp_path):
+    done = pqsweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "pruning=global_magnitude",
+                   "pruning.amount=0,0.5,0.9")
+    output = done.stdout + done.stderr
+    assert output.count("not in cache, training") == 1  # the cache's file lock: the other workers waited
+
+    _, children, baselines = sweep_runs(tmp_path)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len(baselines) == 1
