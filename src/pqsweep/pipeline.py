@@ -66,7 +66,10 @@ def baseline(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) 
         if entry is not None:
             log.info("baseline %s: loaded from cache %s (trained nothing)", key, cache.path(key))
             return Baseline(key, entry["state_dict"], cached=True, history=entry["history"])
-        log.info("baseline %s: not in cache, training %d epochs", key, cfg.train.epochs)
+        if cfg.train.epochs == 0:
+            log.info("baseline %s: train.epochs=0, the untrained model is the baseline", key)
+        else:
+            log.info("baseline %s: not in cache, training %d epochs", key, cfg.train.epochs)
         history = fit(model, loaders["train"], cfg.train, cfg.train.epochs, device=cfg.device, desc="baseline")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         cache.save(key, {"state_dict": state, "history": history, "config": OmegaConf.to_yaml(cfg)})
