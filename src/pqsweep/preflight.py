@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pqsweep.config import ConfigError, validate
+from pqsweep.sweeper import command_line_keys
 
 
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -81,8 +82,7 @@ def check(overrides: list[str], config_dir: Path) -> str | None:
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
         # keys the command line sets itself: those replace the file's grid entries.
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
-        given = {override.split("=", 1)[0] for override in fixed}
-        given |= {alternatives[0].split("=", 1)[0] for alternatives in sweeps}
+        given = command_line_keys(overrides, GlobalHydra.instance().config_loader())
         sweeps += expand([f"{k}={v}" for k, v in params.items() if k not in given])[1]
         for alternatives in sweeps:
             for override in alternatives:

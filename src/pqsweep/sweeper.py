@@ -11,13 +11,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _PluginSweeper
 
 
+def command_line_keys(arguments: list[str], config_loader=None) -> set[str]:
+    """Keys the command line sets, fixed or swept: each replaces the sweep file's grid entry of the same key.
+
+    (For a swept key the plugin already lets the command line win; for a fixed one it does not, hence this.)
+    """
+    parser = OverridesParser.create(config_loader=config_loader)
+    return {override.get_key_element() for override in parser.parse_overrides(arguments)}
+
+
 class OptunaSweeper(_PluginSweeper):
     def sweep(self, arguments: list[str]) -> None:
-        fixed = {
-            override.get_key_element()
-            for override in OverridesParser.create().parse_overrides(arguments)
-            if not override.is_sweep_override()
-        }
         if self.sweeper.params:
-            self.sweeper.params = {k: v for k, v in self.sweeper.params.items() if k not in fixed}
+            given = command_line_keys(arguments)
+            self.sweeper.params = {k: v for k, v in self.sweeper.params.items() if k not in given}
         return super().sweep(arguments)
