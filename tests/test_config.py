@@ -16,7 +16,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from pqsweep import pipeline
-from pqsweep.config import Backend, ConfigError, register, validate
+from pqsweep.config import ConfigError, Engine, register, validate
 from pqsweep.preflight import check
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -108,7 +108,7 @@ def test_readme_command_composes(monkeypatch, tmp_path):
     assert cfg.model._target_ == "pqsweep.models.vgg16_bn"
     assert cfg.dataset.root == f"{tmp_path}/cifar10"  # data root from $PQSWEEP_DATA
     assert cfg.pruning.amount == 0.5 and cfg.quantization.bits == 8
-    assert cfg.quantization.backend == Backend.x86 and cfg.quantization.per_channel
+    assert cfg.quantization.engine == Engine.x86 and cfg.quantization.granularity == "per_channel"
     assert "vgg16_bn" in OmegaConf.to_yaml(cfg, resolve=True)
 
 
@@ -117,7 +117,7 @@ def test_readme_command_composes(monkeypatch, tmp_path):
 OUT_OF_RANGE = [
     "pruning.amount=-0.1",
     "pruning.amount=1.0",
-    "quantization.bits=4",
+    "quantization.bits=1",
     "train.epochs=-1",
     "train.finetune_epochs=-1",
     "train.batch_size=0",
@@ -160,8 +160,10 @@ def test_validate_accepts_the_edges(override):
 BAD_INPUT = {
     "unknown model": (["model=nope"], ["model=nope", *options("model")]),
     "amount out of range": (["pruning.amount=1.5"], ["pruning.amount", "1.5", "[0, 1)"]),
+    "unknown engine": (["quantization=static_int8", "quantization.engine=foo"],
+                       ["quantization.engine", "foo", "x86", "fbgemm", "qnnpack"]),
     "unknown backend": (["quantization=static_int8", "quantization.backend=foo"],
-                        ["quantization.backend", "foo", "x86", "fbgemm", "qnnpack"]),
+                        ["quantization.backend", "foo", "fx", "pt2e"]),
     "misspelt key": (["train.epoch=3"], ["train.epoch", "epochs"]),
     "wrong type": (["train.epochs=abc"], ["train.epochs", "abc"]),
     "bad grid value": (["pruning.amount=0,0.5,1.2"], ["pruning.amount=1.2"]),

@@ -20,6 +20,7 @@ from pqsweep import measure, models, pipeline, prune, quantize
 from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.config import register
 from pqsweep.data import DataSplits
+from pqsweep.train import Context
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -171,7 +172,11 @@ QUANTIZERS = {
 def quantized(name: str, model: nn.Module, calibration, *overrides: str) -> nn.Module:
     """Quantize with the real `quantization=<name>` option (plus overrides), as the pipeline does."""
     cfg = compose_cfg(f"quantization={name}", *overrides).quantization
-    return QUANTIZERS[name](model, cfg, calibration)
+    return QUANTIZERS[name](model, cfg, calibration_context(calibration))
+
+
+def calibration_context(batches) -> Context:
+    return Context(loaders={"train": batches}, example=batches[0][0][:1] if batches else None, train_cfg=None)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +249,7 @@ def test_dynamic_int8_quantizes_linear_layers_only(deployed):
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-@pytest.mark.parametrize("backend, per_channel", [
+@pytest.mark.parametrize("engine, per_channel", [
     ("x86", True),
     ("x86", False),
     ("fbgemm", True),
@@ -252,9 +257,10 @@ def test_dynamic_int8_quantizes_linear_layers_only(deployed):
     ("qnnpack", True),
     ("qnnpack", False),
 ])
-def test_per_channel_switch_sets_the_weight_qscheme(trained, calibration, backend, per_channel):
+def test_granularity_sets_the_weight_qscheme(trained, calibration, engine, per_channel):
+    granularity = "per_channel" if per_channel else "per_tensor"
     model = quantized("static_int8", trained, calibration,
-                      f"quantization.backend={backend}", f"quantization.per_channel={per_channel}")
+                      f"quantization.engine={engine}", f"quantization.granularity={granularity}")
     expected = torch.per_channel_affine if per_channel else torch.per_tensor_affine
     layers = [m for m in model.modules() if callable(getattr(m, "weight", None))]
     assert len(layers) == 4
@@ -263,11 +269,11 @@ def test_per_channel_switch_sets_the_weight_qscheme(trained, calibration, backen
 
 
 @pytest.mark.parametrize("name", ["dynamic_int8", "static_int8"])
-def test_unsupported_backend_is_a_clear_error(name):
-    # composition refuses names outside the Backend enum; this is the guard for a build without the engine
-    cfg = OmegaConf.create({"backend": "foo", "per_channel": True, "calibration_batches": 1})
-    with pytest.raises(RuntimeError, match=r"quantization\.backend=foo: not supported .*supported: .*x86"):
-        QUANTIZERS[name](small_cnn(), cfg, [])
+def test_unsupported_engine_is_a_clear_error(name):
+    # composition refuses names outside the Engine enum; this is the guard for a build without the engine
+    cfg = OmegaConf.create({"engine": "foo", "granularity": "per_channel", "calibration_batches": 1})
+    with pytest.raises(RuntimeError, match=r"quantization\.engine=foo: not supported .*supported: .*x86"):
+        QUANTIZERS[name](small_cnn(), cfg, calibration_context([]))
 
 
 # --- measure ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -18,12 +18,59 @@ from omegaconf import MISSING, DictConfig
 TRUSTED_TARGETS = ["pqsweep.*", "torch.optim.*", "hydra_plugins.*", "optuna.samplers.*", "hydra._internal.*"]
 
 
-class Backend(str, Enum):
+class Engine(str, Enum):
     """Quantized-kernel engines of torch.ao on CPU."""
 
     x86 = "x86"
     fbgemm = "fbgemm"
     qnnpack = "qnnpack"
+
+
+class Backend(str, Enum):
+    """How a model becomes int8: torch.ao FX graph mode, or torchao's PT2E flow on a torch.export graph."""
+
+    fx = "fx"
+    pt2e = "pt2e"
+
+
+class Granularity(str, Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"
+
+
+class Order(str, Enum):
+    """prune_then_quantize: prune (and fine-tune) the float model, then quantize it. quantize_then_prune: quantize
+    first, then prune the stored (e.g. int8) weights by magnitude in their own domain, keeping scales and zero-points."""
+
+    prune_then_quantize = "prune_then_quantize"
+    quantize_then_prune = "quantize_then_prune"
+
+
+# `global` is a Python keyword, hence the functional form; OmegaConf matches enum members by name.
+Scope = Enum("Scope", {"layer": "layer", "global": "global"}, type=str)
+Scope.__doc__ = "layer: the same fraction in every prunable layer. global: one ranking over all of them."
+
+
+class Rewind(str, Enum):
+    """After each round of iterative pruning: fine-tune the surviving weights, or re-initialise them to their
+    values at initialisation and retrain (003: fine-tune large nets, re-initialise compact ones)."""
+
+    finetune = "finetune"
+    reinit = "reinit"
+
+
+class Schedule(str, Enum):
+    """Per-round targets of iterative pruning. geometric: each round removes the same fraction of what is left
+    (Han et al.). gradual: s_t = s_f (1 - (1 - t/n)^3), Zhu & Gupta's automated gradual pruning."""
+
+    geometric = "geometric"
+    gradual = "gradual"
+
+
+class Export(str, Enum):
+    none = "none"
+    onnx = "onnx"
+    torchscript = "torchscript"
 
 
 @dataclass
@@ -54,19 +101,68 @@ class FakeDatasetConfig(DatasetConfig):
 
 @dataclass
 class PruningConfig:
-    _target_: str = MISSING  # pruner: (model, amount) -> None, prunes in place and folds masks
+    _target_: str = MISSING  # pruner: (model, cfg, ctx: pqsweep.train.Context) -> the pruned model, masks folded
     name: str = MISSING
-    amount: float = 0.0  # fraction of prunable weights set to zero, in [0, 1)
+    amount: float = 0.0  # fraction of prunable weights (or of filters, for structured options) removed, in [0, 1)
+    layer_amounts: Optional[str] = None  # YAML {layer: amount} (pqsweep-sensitivity writes one); overrides amount
+
+
+@dataclass
+class L1FilterConfig(PruningConfig):
+    scope: Scope = Scope["layer"]  # per-layer ratio (Li et al.), or one global ranking of filters
+
+
+@dataclass
+class StructuredUnstructuredConfig(L1FilterConfig):
+    structured: float = 0.5  # fraction of filters removed first (l1_filter), then fine-tuned
+    unstructured: float = 0.5  # then this fraction of the remaining weights (global magnitude), then fine-tuned
+
+
+@dataclass
+class IterativeConfig(PruningConfig):
+    rounds: int = 3  # prune -> fine-tune rounds to reach `amount`
+    rewind: Rewind = Rewind.finetune
+    schedule: Schedule = Schedule.geometric
+    scope: Scope = Scope["global"]
 
 
 @dataclass
 class QuantizationConfig:
-    _target_: str = MISSING  # quantizer: (model, calibration_loader) -> deployable nn.Module
+    _target_: str = MISSING  # quantizer: (model, cfg, ctx: pqsweep.train.Context) -> deployable nn.Module
     name: str = MISSING
     bits: int = 32  # storage precision of the weights, reported as the `precision` column
-    backend: Backend = Backend.x86  # torch.ao quantized engine for the int8 options
-    per_channel: bool = True  # per-channel weight observers (static_int8)
-    calibration_batches: int = 8  # training batches run through the observers (static_int8)
+    order: Order = Order.prune_then_quantize
+
+
+@dataclass
+class Int8Config(QuantizationConfig):
+    bits: int = 8
+    engine: Engine = Engine.x86  # torch.ao quantized engine (fx backend)
+    backend: Backend = Backend.fx  # static_int8 only: torch.ao FX, or torchao PT2E (x86 Inductor quantizer)
+    granularity: Granularity = Granularity.per_channel  # weight observers; activations are always per tensor
+    calibration_batches: int = 8  # training batches run through the observers (static options)
+
+
+@dataclass
+class QATConfig(Int8Config):
+    qat_epochs: int = 2  # quantization-aware fine-tuning epochs with fake-quant modules, then int8 conversion
+    qat_lr: Optional[float] = None  # defaults to the fine-tuning learning rate
+
+
+@dataclass
+class MixedConfig(Int8Config):
+    # layer name -> fp32 | int8; `head` names the model's last Linear layer. Layers not named are int8.
+    layers: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeQuantConfig(QuantizationConfig):
+    bits: int = 8  # reported precision; set to bits_w by the option file
+    bits_w: int = 8  # weight bits, 2..16
+    bits_a: int = 8  # activation bits, 2..16
+    symmetric: bool = True  # symmetric (zero-point 0) or asymmetric (affine) ranges
+    granularity: Granularity = Granularity.per_channel  # weights; activations are per tensor
+    calibration_batches: int = 8  # batches that set the activation ranges
 
 
 @dataclass
@@ -119,6 +215,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    export: Export = Export.none  # write the compressed model as an MLflow artifact, checked against eager outputs
     device: str = "cpu"  # training device; evaluation of quantized models is always on the CPU
 
 
@@ -131,7 +228,14 @@ def register() -> None:
         ("schema/dataset", "dataset", DatasetConfig),
         ("schema/dataset", "fake", FakeDatasetConfig),
         ("schema/pruning", "pruning", PruningConfig),
+        ("schema/pruning", "l1_filter", L1FilterConfig),
+        ("schema/pruning", "structured_unstructured", StructuredUnstructuredConfig),
+        ("schema/pruning", "iterative", IterativeConfig),
         ("schema/quantization", "quantization", QuantizationConfig),
+        ("schema/quantization", "int8", Int8Config),
+        ("schema/quantization", "qat", QATConfig),
+        ("schema/quantization", "mixed", MixedConfig),
+        ("schema/quantization", "fake_quant", FakeQuantConfig),
     ]:
         cs.store(group=group, name=name, node=node, replace=True)
 
@@ -139,8 +243,15 @@ def register() -> None:
 # What a run measures (MLflow metric names); a sweep's `study.objectives` are chosen among these.
 METRICS = (
     "top1", "top5", "top1_delta", "baseline_top1", "params_total", "params_nonzero", "sparsity", "macs", "size_mb",
-    "size_gzip_mb", "reduction_factor", "reduction_factor_gzip", "latency_ms_p50", "latency_ms_p90", "latency_threads",
+    "size_gzip_mb", "size_sparse_mb", "size_theoretical_mb", "reduction_factor", "reduction_factor_gzip",
+    "latency_ms_p50", "latency_ms_p90", "latency_threads", "export_max_abs_diff",
 )
+
+
+def _target(node: DictConfig):
+    from hydra.utils import get_method
+
+    return get_method(node._target_)
 
 
 class ConfigError(ValueError):
@@ -149,9 +260,11 @@ class ConfigError(ValueError):
 
 def validate(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express. Raises ConfigError before any data is loaded."""
+    p, q = cfg.pruning, cfg.quantization
+    fraction = "a fraction in [0, 1)"
     checks = [
-        ("pruning.amount", cfg.pruning.amount, 0.0 <= cfg.pruning.amount < 1.0, "a fraction in [0, 1)"),
-        ("quantization.bits", cfg.quantization.bits, cfg.quantization.bits in (8, 16, 32), "one of 8, 16, 32"),
+        ("pruning.amount", p.amount, 0.0 <= p.amount < 1.0, fraction),
+        ("quantization.bits", q.bits, 2 <= q.bits <= 32, "an integer in 2..32"),
         ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, "an integer >= 0"),
         ("train.finetune_epochs", cfg.train.finetune_epochs, cfg.train.finetune_epochs >= 0, "an integer >= 0"),
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "an integer >= 1"),
@@ -160,6 +273,25 @@ def validate(cfg: DictConfig) -> None:
         ("measure.repeats", cfg.measure.repeats, cfg.measure.repeats >= 2, "an integer >= 2"),
         ("device", cfg.device, cfg.device.split(":")[0] in ("cpu", "cuda"), "cpu or cuda[:N]"),
     ]
+    for key in ("structured", "unstructured"):
+        if key in p:
+            checks.append((f"pruning.{key}", p[key], 0.0 <= p[key] < 1.0, fraction))
+    if "rounds" in p:
+        checks.append(("pruning.rounds", p.rounds, p.rounds >= 1, "an integer >= 1"))
+    for key in ("bits_w", "bits_a"):
+        if key in q:
+            checks.append((f"quantization.{key}", q[key], 2 <= q[key] <= 16, "an integer in 2..16"))
+    if "qat_epochs" in q:
+        checks.append(("quantization.qat_epochs", q.qat_epochs, q.qat_epochs >= 0, "an integer >= 0"))
+    if "calibration_batches" in q:
+        checks.append(("quantization.calibration_batches", q.calibration_batches, q.calibration_batches >= 1,
+                       "an integer >= 1"))
+    for layer, precision in (q.get("layers") or {}).items():
+        checks.append((f"quantization.layers.{layer}", precision, precision in ("fp32", "int8"), "fp32 or int8"))
+    if q.order == Order.quantize_then_prune and not getattr(_target(p), "prunes_stored_weights", False):
+        allowed = "none, global_magnitude, layer_magnitude, random"
+        checks.append(("pruning", p.name, False, f"an unstructured option with quantization.order="
+                       f"quantize_then_prune ({allowed})"))
     unknown = [name for name in cfg.study.objectives if name not in METRICS]
     if unknown or not cfg.study.objectives:
         checks.append(("study.objectives", list(cfg.study.objectives), False, f"metric names among {', '.join(METRICS)}"))

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from pqsweep import measure
 from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.config import validate
+from pqsweep.config import Order, validate
 from pqsweep.data import DataSplits
-from pqsweep.prune import apply_masks, zero_masks
-from pqsweep.train import fit, seed_everything
+from pqsweep.prune import footprint
+from pqsweep.train import Context, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,31 @@ def baseline(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) 
         return Baseline(key, state, cached=False, history=history)
 
 
-def prune_and_finetune(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> None:
-    get_method(cfg.pruning._target_)(model, cfg.pruning)
-    if cfg.pruning.amount == 0 or cfg.train.finetune_epochs == 0:
-        return
-    masks = zero_masks(model)
-    lr = cfg.train.finetune_lr if cfg.train.finetune_lr is not None else cfg.train.optimizer.lr / 10
-    fit(model, loaders["train"], cfg.train, cfg.train.finetune_epochs, lr=lr, device=cfg.device,
-        after_step=lambda: apply_masks(model, masks), desc="finetune")
+def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
+    """Prune (a method may fine-tune between its own stages), then fine-tune once more if anything was removed."""
+    before = footprint(model)
+    model = get_method(cfg.pruning._target_)(model, cfg.pruning, ctx)
+    if footprint(model) != before and cfg.train.finetune_epochs > 0:
+        ctx.finetune(model)
+    return model.cpu().eval()
 
 
-def quantize(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> nn.Module:
-    return get_method(cfg.quantization._target_)(model.cpu().eval(), cfg.quantization, loaders["train"])
+def quantize(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
+    return get_method(cfg.quantization._target_)(model.cpu().eval(), cfg.quantization, ctx)
+
+
+def compress(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, nn.Module]:
+    """(deployed model, its float counterpart) in the order `quantization.order` asks for.
+
+    quantize_then_prune prunes the stored (e.g. int8) weights in their own domain, with no fine-tuning: a
+    converted int8 model has no float weights to train.
+    """
+    if cfg.quantization.order == Order.quantize_then_prune:
+        deployed = quantize(cfg, model, ctx)
+        deployed = get_method(cfg.pruning._target_)(deployed, cfg.pruning, ctx)
+        return deployed, model
+    model = prune_and_finetune(cfg, model, ctx)
+    return quantize(cfg, model, ctx), model
 
 
 def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
@@ -112,6 +125,7 @@ def run(cfg: DictConfig) -> RunResult:
     seed_everything(cfg.train.seed)
     splits, loaders = load_data(cfg)
     model = build_model(cfg, splits)
+    initial_state = copy.deepcopy(model.state_dict())
     base = baseline(cfg, model, loaders)
     model.load_state_dict(base.state)
     model.cpu().eval()
@@ -124,10 +138,8 @@ def run(cfg: DictConfig) -> RunResult:
     # depend on whether it was the one that filled the cache.
     seed_everything(cfg.train.seed)
     loaders["train"].generator.manual_seed(cfg.train.seed)
-    compressed = copy.deepcopy(model)
-    prune_and_finetune(cfg, compressed, loaders)
-    compressed.cpu().eval()
-    deployed = quantize(cfg, compressed, loaders)
+    ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
+    deployed, compressed = compress(cfg, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
 
     metrics["top1_delta"] = metrics["top1"] - baseline_metrics["top1"]

@@ -1,4 +1,6 @@
-"""Pruning methods. Each is `fn(model, cfg)`: it zeroes weights in place and folds the masks in (permanent).
+"""Pruning methods. Each is `fn(model, cfg, ctx) -> model`: it prunes, folds the masks in (permanent) and returns
+the pruned model. A multi-stage method may call `ctx.finetune(model)` between its stages; the pipeline fine-tunes
+after the last one.
 
 Prunable weights are the weight tensors of every Conv2d and Linear layer, classifier included, as in ShrinkBench;
 biases and BatchNorm parameters are kept.
@@ -21,26 +23,35 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def no_pruning(model: nn.Module, cfg) -> None:
+def no_pruning(model: nn.Module, cfg, ctx=None) -> nn.Module:
     """The dense baseline: keep every weight."""
+    return model
 
 
-def global_magnitude(model: nn.Module, cfg) -> None:
+def global_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
     """Unstructured L1-magnitude pruning ranked over all prunable layers together (Han et al.)."""
     if cfg.amount == 0:
-        return
+        return model
     params = [(module, "weight") for _, module in prunable_layers(model)]
     torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=float(cfg.amount))
     _fold_masks(model)
+    return model
 
 
-def layer_magnitude(model: nn.Module, cfg) -> None:
+def layer_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
     """Unstructured L1-magnitude pruning of the same fraction in every prunable layer."""
     if cfg.amount == 0:
-        return
+        return model
     for _, module in prunable_layers(model):
         torch_prune.l1_unstructured(module, "weight", amount=float(cfg.amount))
     _fold_masks(model)
+    return model
+
+
+def footprint(model: nn.Module) -> tuple[int, int]:
+    """(prunable weights, of which zero): tells whether a pruner changed anything."""
+    weights = [module.weight for _, module in prunable_layers(model)]
+    return sum(w.numel() for w in weights), sum(int((w == 0).sum()) for w in weights)
 
 
 def _fold_masks(model: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pqsweep.config import TRUSTED_TARGETS
+from pqsweep.prune import apply_masks, zero_masks
 
 
 def seed_everything(seed: int) -> None:
@@ -64,3 +66,29 @@ def fit(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history
+
+
+@dataclass
+class Context:
+    """What a pruner or quantizer may use besides the model and its own config group."""
+
+    loaders: dict[str, DataLoader]  # train / val / test; quantizers calibrate on `train`
+    example: torch.Tensor  # one batch-1 input: graph tracing, dependency graphs, MACs
+    train_cfg: object  # the `train` config group
+    device: str = "cpu"
+    initial_state: dict | None = None  # the model's weights at initialisation (rewind=reinit)
+
+    def finetune_lr(self) -> float:
+        lr = self.train_cfg.finetune_lr
+        return lr if lr is not None else self.train_cfg.optimizer.lr / 10
+
+    def finetune(self, model: nn.Module, epochs: int | None = None, lr: float | None = None,
+                 desc: str = "finetune") -> list[float]:
+        """Fine-tune `model` (default: train.finetune_epochs at the fine-tuning rate) holding every prunable weight
+        that is zero now at zero, so pruned weights stay pruned. Leaves the model on the CPU in eval mode."""
+        epochs = self.train_cfg.finetune_epochs if epochs is None else epochs
+        masks = zero_masks(model)
+        history = fit(model, self.loaders["train"], self.train_cfg, epochs, lr=lr or self.finetune_lr(),
+                      device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc)
+        model.cpu().eval()
+        return history
