@@ -8,10 +8,12 @@ biases and BatchNorm parameters are kept.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.utils.prune as torch_prune
+from omegaconf import OmegaConf
 from torch import nn
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
@@ -46,6 +48,19 @@ def layer_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
         torch_prune.l1_unstructured(module, "weight", amount=float(cfg.amount))
     _fold_masks(model)
     return model
+
+
+def read_layer_amounts(cfg) -> dict[str, float]:
+    """`pruning.layer_amounts`: a YAML file {layer name: amount} (pqsweep-sensitivity writes one), or {} if unset."""
+    if not cfg.get("layer_amounts"):
+        return {}
+    path = Path(cfg.layer_amounts).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pruning.layer_amounts={cfg.layer_amounts}: no such file")
+    amounts = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(amounts, dict) or not all(isinstance(v, (int, float)) and 0 <= v < 1 for v in amounts.values()):
+        raise ValueError(f"pruning.layer_amounts={cfg.layer_amounts}: must map layer names to fractions in [0, 1)")
+    return {str(k): float(v) for k, v in amounts.items()}
 
 
 def footprint(model: nn.Module) -> tuple[int, int]:
