@@ -204,6 +204,22 @@ class StudyConfig:
     objectives: List[str] = field(default_factory=lambda: ["top1"])  # metrics the task returns, in order
 
 
+class SensitivityMethod(str, Enum):
+    magnitude = "magnitude"  # unstructured L1 magnitude within the layer
+    l1_filter = "l1_filter"  # whole filters by L1 norm, physically removed
+
+
+@dataclass
+class SensitivityConfig:
+    """`pqsweep-sensitivity`: prune each prunable layer alone, and the whole net globally, and record accuracy."""
+
+    method: SensitivityMethod = SensitivityMethod.magnitude
+    amounts: List[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    split: str = "val"  # accuracy measured here; choosing amounts on the test split would leak it
+    tolerance: float = 1.0  # per-layer amount written = largest amount whose top-1 drop stays within this (pp)
+    output: str = "layer_amounts.yaml"  # relative paths resolve against the launch directory
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -215,6 +231,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     export: Export = Export.none  # write the compressed model as an MLflow artifact, checked against eager outputs
     device: str = "cpu"  # training device; evaluation of quantized models is always on the CPU
 
