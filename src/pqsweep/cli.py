@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -50,7 +51,10 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
         tracking.log_batch(mlflow.MlflowClient(), run_id, params=tracking.flat_params(cfg))
         mlflow.log_text(config_yaml, "config.yaml")
         try:
-            result = run(cfg)
+            with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
+                result = run(cfg, artifact_dir=exported)
+                if any(Path(exported).iterdir()):
+                    mlflow.log_artifacts(exported, "model")
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")  # stopped by the user, not a failure of the method
             raise

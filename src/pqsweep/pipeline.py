@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from hydra.utils import get_method
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pqsweep import measure
 from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.config import Order, validate
+from pqsweep.config import Export, Order, validate
 from pqsweep.data import DataSplits
 from pqsweep.prune import footprint
 from pqsweep.train import Context, fit, seed_everything
@@ -120,7 +121,8 @@ def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: t
     return metrics
 
 
-def run(cfg: DictConfig) -> RunResult:
+def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
+    """One run; with `export` set, the compressed model is written to `artifact_dir` and checked there."""
     validate(cfg)
     seed_everything(cfg.train.seed)
     splits, loaders = load_data(cfg)
@@ -141,6 +143,13 @@ def run(cfg: DictConfig) -> RunResult:
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
     deployed, compressed = compress(cfg, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
+
+    if cfg.export != Export.none:
+        from pqsweep.export import export  # onnx/onnxruntime load only when asked for
+
+        if artifact_dir is None:
+            raise ValueError(f"export={cfg.export.value}: run(cfg, artifact_dir=...) needs a directory to write to")
+        metrics.update(export(deployed, example, cfg.export.value, Path(artifact_dir)))
 
     metrics["top1_delta"] = metrics["top1"] - baseline_metrics["top1"]
     metrics["reduction_factor"] = baseline_metrics["size_mb"] / metrics["size_mb"]

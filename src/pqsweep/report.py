@@ -28,6 +28,7 @@ COLUMNS = [
     ("Δ top1", "metrics.top1_delta", "{:+.2f}"),
     ("size MB", "metrics.size_mb", "{:.4f}"),
     ("gzip MB", "metrics.size_gzip_mb", "{:.4f}"),
+    ("sparse MB", "metrics.size_sparse_mb", "{:.4f}"),
     ("reduction", "metrics.reduction_factor", "{:.2f}x"),
     ("gzip red.", "metrics.reduction_factor_gzip", "{:.2f}x"),
     ("p50 ms", "metrics.latency_ms_p50", "{:.3f}"),
