@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -293,6 +294,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("structured", "unstructured"):
         if key in p:
             checks.append((f"pruning.{key}", p[key], 0.0 <= p[key] < 1.0, fraction))
+    if p.get("layer_amounts"):
+        exists = Path(p.layer_amounts).expanduser().is_file()
+        checks.append(("pruning.layer_amounts", p.layer_amounts, exists, "an existing YAML file {layer: amount}"))
     if "rounds" in p:
         checks.append(("pruning.rounds", p.rounds, p.rounds >= 1, "an integer >= 1"))
     for key in ("bits_w", "bits_a"):
