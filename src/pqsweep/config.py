@@ -153,7 +153,7 @@ class QATConfig(Int8Config):
 @dataclass
 class MixedConfig(Int8Config):
     # layer name -> fp32 | int8; `head` names the model's last Linear layer. Layers not named are int8.
-    layers: Dict[str, str] = field(default_factory=dict)
+    layers: Dict[Any, str] = field(default_factory=dict)  # Any: nn.Sequential layers are named 0, 1, ...; Hydra parses those as ints
 
 
 @dataclass
