@@ -1,0 +1,232 @@
+"""Writes the deployable model as ONNX or TorchScript, reloads it in its own runtime and checks its outputs.
+
+`export(model, example, fmt, directory)` writes `directory/model.onnx` (run by onnxruntime) or `directory/model.pt`
+(run by torch.jit.load), feeds the reloaded file the example and, when the file takes any batch size, a batch of
+four, and returns {"export_max_abs_diff": max |reloaded - eager|}. It raises ExportError (one line, naming
+`export=` and `quantization=` and what to use instead) when a model kind cannot be exported or reloaded, or when
+its outputs differ by more than its precision's tolerance.
+
+What exports (torch 2.14, onnx 1.23, onnxruntime 1.31; each cell measured on small_cnn / resnet18_cifar):
+- fp32 (pruned or structurally smaller alike), fp16, fake_quant, static_int8 backend=pt2e: onnx (torch.export-based
+  exporter) and torchscript. For pt2e both files hold its int8 reference graph (int8 weights, dequantize -> float
+  Conv/Linear, quantize/dequantize around activations; onnxruntime fuses the ONNX Q/DQ pairs into int8 kernels), not
+  the oneDNN-lowered graph it runs here, whose packed weights neither format can hold. Loading pt2e's TorchScript file
+  elsewhere needs its ops registered first: `import torch.ao.quantization.fx._decomposed`.
+- bf16: torchscript only; the ONNX file is written, but onnxruntime has no bfloat16 Conv kernel on CPU.
+- torch.ao FX int8 (static_int8 backend=fx, qat_int8, mixed): torchscript; onnx only through the legacy
+  TorchScript-based exporter (torch.export cannot trace torch.ao's packed weights), which has int8 Q/DQ rules but
+  refuses adaptive_avg_pool2d to a size that does not divide its input (small_cnn at 8 or 28 px; VGG at 32 px).
+- dynamic_int8: torchscript only (neither ONNX exporter has a rule for quantized::linear_dynamic).
+TorchScript (torch.jit.trace) is deprecated in favour of torch.export but is still the one format that saves every
+kind here, torch.ao's int8 modules included, in a file that torch.jit.load runs without the Python code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "torchscript")
+
+# Allowed max |reloaded - eager| / max(1, max |eager logit|): a share of the logit scale, floored at 1 so that the
+# near-zero logits of an untrained net do not demand a tighter absolute match than a trained one.
+TOLERANCE = {
+    "fp32": 1e-4,  # float32 runtimes differ only in summation order: ~1e-7 relative per op, 1e-6 over a deep net
+    "fp16": 1e-2,  # fp16 keeps 11 significant bits (eps 1e-3); runtimes differ in where they round and accumulate
+    "bf16": 5e-2,  # bf16 keeps 8 bits (eps 8e-3)
+    # int8: runtimes may round a requantized activation to the neighbouring step (1/255 of its range) in any layer,
+    # and fake-quant rounding flips by a step where float noise crosses a half-step: a few % of the logit scale
+    # (measured: 2.5 % for ResNet-18's int8 ONNX in onnxruntime); a wrong scale or a missing layer moves it by ~100 %.
+    "int8": 1e-1,
+}
+
+
+class ExportError(RuntimeError):
+    """A model that cannot be exported in the format asked for, or whose file does not reproduce its outputs."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the exporter needs to know about a deployed model, and what to tell the user when it fails."""
+
+    name: str  # the quantization option(s) that make such a model
+    precision: str  # a TOLERANCE key
+    instead: dict[str, str]  # format -> what to use when that format fails
+
+
+def kind_of(model: nn.Module) -> Kind:
+    """The quantization that made `model`, read from its modules (export sees only the deployed model)."""
+    from pqsweep.pt2e import Int8Pt2e
+    from pqsweep.quantize import CastInputs
+
+    modules = list(model.modules())
+    ao = [type(m).__module__ for m in modules if type(m).__module__.startswith("torch.ao.nn.")]
+    if any(".quantized.dynamic" in name for name in ao):
+        return Kind("dynamic_int8", "int8", {"onnx": "use export=torchscript, or quantization=static_int8 with "
+                                                     "quantization.backend=pt2e for an int8 ONNX file"})
+    if any(".quantized" in name for name in ao):
+        return Kind("static_int8 (backend=fx; qat_int8 and mixed alike)", "int8",
+                    {"onnx": "use export=torchscript, or quantization.backend=pt2e for an int8 ONNX file"})
+    if any(isinstance(m, Int8Pt2e) for m in modules):
+        return Kind("static_int8 (backend=pt2e)", "int8", {"torchscript": "use export=onnx"})
+    if any(isinstance(getattr(m, "weight_bits", None), int) for m in modules):
+        return Kind("fake_quant", "int8", {"onnx": "use export=torchscript", "torchscript": "use export=onnx"})
+    if isinstance(model, CastInputs) and model.dtype in (torch.float16, torch.bfloat16):
+        name = "fp16" if model.dtype == torch.float16 else "bf16"
+        onnx = "use export=torchscript" + (", or quantization=fp16" if name == "bf16" else "")
+        return Kind(name, name, {"onnx": onnx, "torchscript": "use export=onnx"})
+    return Kind("none", "fp32", {"onnx": "use export=torchscript", "torchscript": "use export=onnx"})
+
+
+def export(model: nn.Module, example: torch.Tensor, fmt: str, directory: str | Path) -> dict[str, float]:
+    """Write `model` in `fmt` to `directory`, reload it, check it against the eager model; see the module doc."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export={fmt} is not allowed: must be one of none, {', '.join(FORMATS)}")
+    kind = kind_of(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    example = example.detach().cpu().float()
+    try:
+        with torch.no_grad(), _quiet():
+            reloaded = _WRITERS[fmt](model, example, directory, kind)
+            diff, scale = _compare(model, reloaded, example)
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(f"export={fmt} failed for quantization={kind.name}: {_reason(error)}; "
+                          f"{kind.instead.get(fmt, 'use export=none')}") from error
+    tolerance = TOLERANCE[kind.precision]
+    if diff > tolerance * scale:
+        raise ExportError(f"export={fmt}, quantization={kind.name}: the reloaded file's logits differ from the eager "
+                          f"model's by {diff:.3g}, more than the {kind.precision} tolerance {tolerance:g} x logit scale "
+                          f"{scale:.3g}; {kind.instead.get(fmt, 'use export=none')}")
+    return {"export_max_abs_diff": diff}
+
+
+Runner = Callable[[torch.Tensor], "torch.Tensor | None"]  # None: the file does not take this batch size
+
+
+def _compare(model: nn.Module, reloaded: Runner, example: torch.Tensor) -> tuple[float, float]:
+    """(max |reloaded - eager|, logit scale) over the example and, where the file takes it, a batch of four."""
+    # Four real-looking inputs: the example and three mirror images/shifts of it, so int8 ranges stay the data's.
+    four = torch.cat([example, example.flip(-1), example.flip(-2), example.roll(1, -1)])
+    diff, scale = 0.0, 1.0
+    for batch in (example, four):
+        out = reloaded(batch)
+        if out is None:
+            continue
+        expected = model(batch).float()
+        diff = max(diff, (out.float() - expected).abs().max().item())
+        scale = max(scale, expected.abs().max().item())
+    return diff, scale
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, directory: Path, kind: Kind) -> Runner:
+    import onnx
+    import onnxruntime
+
+    path = directory / "model.onnx"
+    # One self-contained file (the exporter would put the weights in model.onnx.data); every model here is < 2 GB.
+    names = {"input_names": ["input"], "output_names": ["logits"], "external_data": False, "verbose": False}
+    if kind.name.startswith("static_int8 (backend=fx") or kind.name == "dynamic_int8":
+        # torch.export cannot trace torch.ao's packed-weight ScriptObjects; the legacy exporter has int8 rules.
+        with _stdout_to_devnull():  # it prints the whole TorchScript graph when it fails (torch 2.14 leaves its log on)
+            torch.onnx.export(model, (example,), path, dynamo=False, dynamic_axes={"input": {0: "batch"}}, **names)
+    else:
+        graph = _writable(model)
+        try:
+            torch.onnx.export(graph, (example,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+        except Exception:  # a graph exported for one batch size (a plain PT2E graph) keeps it
+            torch.onnx.export(graph, (example,), path, **names)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dynamic = bool(onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param)
+
+    def run(batch: torch.Tensor) -> torch.Tensor | None:
+        if len(batch) != len(example) and not dynamic:
+            return None
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+
+    return run
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, directory: Path, kind: Kind) -> Runner:
+    path = directory / "model.pt"
+    torch.jit.save(torch.jit.trace(_writable(model), example), str(path))
+    loaded = torch.jit.load(str(path))
+
+    def run(batch: torch.Tensor) -> torch.Tensor | None:
+        if len(batch) == len(example):
+            return loaded(batch)
+        try:
+            model(batch)  # a model exported for one batch size (a plain PT2E graph) refuses others itself
+        except Exception:
+            return None
+        return loaded(batch)
+
+    return run
+
+
+_WRITERS = {"onnx": _onnx, "torchscript": _torchscript}
+
+
+def _writable(model: nn.Module) -> nn.Module:
+    """Int8Pt2e runs a oneDNN-lowered graph whose packed weights are opaque; its int8 reference graph is the model,
+    in the form it is lowered from (literal activation scales: the ONNX rule for quantize_per_tensor takes no
+    tensor scale; per-tensor weights written per channel). pt2e owns that form; we only write it out."""
+    from pqsweep import pt2e
+
+    if not isinstance(model, pt2e.Int8Pt2e):
+        return model
+    graph = pt2e._lowerable(model.reference)  # a copy
+    # An exported graph refuses .eval() (its ops do not switch with the mode; BatchNorm is folded in) and so stays
+    # in training mode, which the ONNX exporter warns about; the flag changes nothing it computes.
+    for module in graph.modules():
+        module.training = False
+    return graph
+
+
+@contextlib.contextmanager
+def _stdout_to_devnull():
+    """Silence C++ writes to stdout (file descriptor 1), which Python's redirect_stdout does not catch."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause: exporters wrap the message that says what went wrong."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's boilerplate after the reason ("Please feel free to request support ...", the IR value) says nothing
+    first = re.split(r"\s*(?:Please feel free|\[Caused by)", lines[0])[0] if lines else ""
+    return f"{type(error).__name__}: {first if len(first) <= 300 else first[:297] + '...'}"
+
+
+class _quiet(warnings.catch_warnings):
+    """Warnings that say nothing about this export: we check the reloaded file's outputs instead."""
+
+    def __enter__(self):
+        super().__enter__()
+        # torch.jit and the legacy ONNX exporter are deprecated (see the module doc for why we still use them).
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        # Tracing turns quantization scales and zero points into constants: after conversion they are constants.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return self

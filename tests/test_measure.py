@@ -1,0 +1,298 @@
+"""The four sizes on hand-made models with known answers, and export: files that reproduce, refusals that explain."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import onnxruntime
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method
+from omegaconf import OmegaConf
+from torch import nn
+from torch.ao.nn import quantized as nnq
+
+from pqsweep import measure, models, prune
+from pqsweep.config import register
+from pqsweep.export import ExportError, export
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register()
+IN, OUT = 100, 50  # Linear(100, 50): 5000 weights, a 625-byte bitmask, 50 biases
+
+
+@pytest.fixture(autouse=True)
+def keep_quantized_engine():
+    """The int8 quantizers set torch's global quantized engine; leave it as the next test expects it."""
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def deploy(name: str, model: nn.Module, batches: list[torch.Tensor], *overrides: str) -> nn.Module:
+    """The real `quantization=<name>` option, as the pipeline calls it."""
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=[f"quantization={name}", *overrides]).quantization
+    ctx = SimpleNamespace(loaders={"train": [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches]})
+    return get_method(cfg._target_)(copy.deepcopy(model), cfg, ctx)
+
+
+def sparse_linear(nonzero: int, seed: int = 0) -> nn.Sequential:
+    """Linear(100, 50) with exactly `nonzero` weights of magnitude 0.5..1 (so none rounds to 0 in int8) and
+    biases all non-zero."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        values = (torch.rand(IN * OUT) * 0.5 + 0.5) * torch.sign(torch.randn(IN * OUT))
+        values[torch.randperm(IN * OUT)[nonzero:]] = 0
+        layer.weight.copy_(values.view(OUT, IN))
+        layer.bias.copy_(torch.rand(OUT) + 0.1)
+    return nn.Sequential(layer).eval()
+
+
+def in_bytes(sizes: dict[str, float]) -> dict[str, float]:
+    return {key: round(value * 1e6, 3) for key, value in sizes.items()}
+
+
+# --- sizes, by hand ---------------------------------------------------------------------------------------------
+
+BITMASK = math.ceil(IN * OUT / 8)  # 625 bytes
+
+
+@pytest.mark.parametrize("nonzero, index", [
+    (500, BITMASK),  # 10 % dense: 500 int32 indices would take 2000 bytes, the bitmask 625
+    (100, 4 * 100),  # 2 % dense: 400 bytes of indices beat the bitmask
+    (IN * OUT, BITMASK),  # dense: the bitmask still has to be stored
+])
+def test_fp32_sizes_by_hand(nonzero, index):
+    sizes = in_bytes(measure.sizes(sparse_linear(nonzero)))
+    assert sizes["size_sparse_mb"] == nonzero * 4 + index + OUT * 4
+    assert sizes["size_theoretical_mb"] == nonzero * 4 + OUT * 4
+
+
+def test_fp16_stores_two_bytes_per_value():
+    sizes = in_bytes(measure.sizes(deploy("fp16", sparse_linear(500), [])))
+    assert sizes["size_sparse_mb"] == 500 * 2 + BITMASK + OUT * 2
+    assert sizes["size_theoretical_mb"] == 500 * 2 + OUT * 2
+
+
+# Besides the weight and bias, torch.ao's static int8 Linear stores: the input's scale (float32, 4 bytes) and zero
+# point (int64, 8), the same pair for its output, and the weight's own scale (float64, 8) and zero point (int64, 8),
+# one pair per tensor or, per channel, one pair per output row.
+@pytest.mark.parametrize("granularity, qparams", [
+    ("per_tensor", 2 * (4 + 8) + (8 + 8)),
+    ("per_channel", 2 * (4 + 8) + OUT * (8 + 8)),
+])
+def test_static_int8_sizes_by_hand(granularity, qparams):
+    model = deploy("static_int8", sparse_linear(500), [torch.randn(8, IN)], f"quantization.granularity={granularity}")
+    sizes = in_bytes(measure.sizes(model))
+    assert sizes["size_sparse_mb"] == 500 * 1 + BITMASK + OUT * 4 + qparams  # int8 weights, float32 biases
+    assert sizes["size_theoretical_mb"] == 500 * 1 + OUT * 4  # no index, no scales
+    assert measure.parameter_counts(model) == {"params_total": IN * OUT + OUT, "params_nonzero": 500 + OUT,
+                                               "sparsity": 0.9}
+
+
+def test_zero_is_the_dequantized_value():
+    # an affine int8 weight stores 0.0 as its zero point (here 5), not as the integer 0
+    layer = nnq.Linear(IN, OUT)
+    weight = sparse_linear(500)[0].weight.detach()
+    layer.set_weight_bias(torch.quantize_per_tensor(weight, 0.01, 5, torch.qint8), torch.ones(OUT))
+    assert measure.parameter_counts(nn.Sequential(layer))["params_nonzero"] == 500 + OUT
+
+
+class WeightBits(nn.Module):
+    """A fake-quant wrapper of the kind fake_quant writes: float32 storage, `weight_bits` on the wrapped layer
+    (or, with `on_wrapper`, on the wrapper itself)."""
+
+    def __init__(self, layer: nn.Module, bits: int, on_wrapper: bool = False):
+        super().__init__()
+        self.layer = layer
+        (self if on_wrapper else layer).weight_bits = bits
+        self.register_buffer("input_scale", torch.tensor(0.1))
+
+    def forward(self, x):
+        return self.layer(torch.round(x / self.input_scale) * self.input_scale)
+
+
+@pytest.mark.parametrize("on_wrapper", [False, True])
+def test_weight_bits_set_the_theoretical_size(on_wrapper):
+    model = nn.Sequential(WeightBits(sparse_linear(500)[0], bits=4, on_wrapper=on_wrapper))
+    sizes = in_bytes(measure.sizes(model))
+    assert sizes["size_theoretical_mb"] == 500 * 0.5 + OUT * 4  # 4-bit weights; the float32 bias as stored
+    assert sizes["size_sparse_mb"] == 500 * 4 + BITMASK + OUT * 4 + 4  # what is stored: float32, and the scale
+
+
+def test_fake_quant_sizes_count_its_bits(digits_batches):
+    model = prune.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
+    deployed = deploy("fake_quant", model, digits_batches, "quantization.bits_w=4")
+    layers = [m for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weights = sum(int(torch.count_nonzero(m.weight)) for m in layers)
+    biases = sum(int(torch.count_nonzero(m.bias)) for m in layers)
+    assert measure.sizes(deployed)["size_theoretical_mb"] * 1e6 == pytest.approx(weights * 4 / 8 + biases * 4)
+
+
+def test_pt2e_int8_weight_buffers_are_weights(digits_batches):
+    model = prune.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
+    deployed = deploy("static_int8", model, digits_batches, "quantization.backend=pt2e")
+    weights = [t for t in deployed.state_dict().values() if t.dtype == torch.int8]
+    assert len(weights) == 4  # int8 buffers, not nn.Parameters
+    counts = measure.parameter_counts(deployed)
+    assert counts["params_total"] == measure.parameter_counts(model)["params_total"]
+    assert counts["sparsity"] == pytest.approx(0.9, abs=0.005)
+    biases = sum(int(torch.count_nonzero(p)) for p in deployed.parameters())
+    theoretical = sum(int(torch.count_nonzero(w)) for w in weights) * 1 + biases * 4
+    assert measure.sizes(deployed)["size_theoretical_mb"] * 1e6 == pytest.approx(theoretical)
+
+
+def test_a_shared_layer_is_counted_once():
+    layer = nn.Linear(IN, IN)
+    assert measure.parameter_counts(nn.Sequential(layer, nn.ReLU(), layer))["params_total"] == IN * IN + IN
+
+
+def test_sparse_size_pays_only_with_zeros():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(512, 512))  # a 32 KB bitmask: more than torch.save's framing
+    sparse = prune.global_magnitude(copy.deepcopy(dense), OmegaConf.create({"amount": 0.9}))
+    dense_sizes, sparse_sizes = measure.sizes(dense), measure.sizes(sparse)
+    assert dense_sizes["size_sparse_mb"] > dense_sizes["size_mb"]  # every weight plus the bitmask
+    assert sparse_sizes["size_sparse_mb"] < 0.2 * sparse_sizes["size_mb"]  # 10 % of the values + 1/32 for the mask
+    assert sparse_sizes["size_theoretical_mb"] < sparse_sizes["size_sparse_mb"]
+
+
+# --- every deployable kind --------------------------------------------------------------------------------------
+
+KINDS = {  # option overrides -> the kind of model the project deploys
+    "fp32": ["quantization=none"],
+    "fp16": ["quantization=fp16"],
+    "bf16": ["quantization=bf16"],
+    "static_int8": ["quantization=static_int8"],
+    "static_int8_per_tensor": ["quantization=static_int8", "quantization.granularity=per_tensor"],
+    "dynamic_int8": ["quantization=dynamic_int8"],
+    "pt2e": ["quantization=static_int8", "quantization.backend=pt2e"],
+    "fake_quant": ["quantization=fake_quant", "quantization.bits_w=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def digits_batches() -> list[torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16
+    return [images[:64], images[64:128]]
+
+
+@pytest.fixture(scope="module")
+def pruned_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return prune.global_magnitude(models.small_cnn(10, 1).eval(), OmegaConf.create({"amount": 0.9}))
+
+
+@pytest.fixture(scope="module")
+def deployed(pruned_cnn, digits_batches) -> dict[str, nn.Module]:
+    """small_cnn at 90 % sparsity, deployed by each kind."""
+    result = {}
+    for kind, overrides in KINDS.items():
+        name = overrides[0].split("=")[1]
+        result[kind] = deploy(name, pruned_cnn, digits_batches, *overrides[1:])
+    return result
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_orders_its_sizes(deployed, kind):
+    sizes = measure.sizes(deployed[kind])
+    # at 90 % sparsity: no index is cheaper than none, and a sparse format beats storing zeros densely
+    assert 0 < sizes["size_theoretical_mb"] < sizes["size_sparse_mb"] < sizes["size_mb"]
+    assert measure.parameter_counts(deployed[kind])["sparsity"] >= 0.9 - 1e-3
+
+
+def test_structural_pruning_shrinks_every_size():
+    torch.manual_seed(0)
+    wide, narrow = nn.Sequential(nn.Linear(IN, OUT)), nn.Sequential(nn.Linear(IN, OUT // 2))
+    for key, value in measure.sizes(narrow).items():
+        assert value < 0.6 * measure.sizes(wide)[key], key
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+SUPPORTED = [  # (kind, format) pairs that write a file that reproduces the eager outputs
+    ("fp32", "onnx"), ("fp32", "torchscript"),
+    ("fp16", "onnx"), ("fp16", "torchscript"),
+    ("bf16", "torchscript"),
+    ("static_int8", "torchscript"), ("static_int8_per_tensor", "torchscript"),
+    ("dynamic_int8", "torchscript"),
+    ("pt2e", "onnx"), ("pt2e", "torchscript"),
+    ("fake_quant", "onnx"), ("fake_quant", "torchscript"),
+]
+
+
+def reload(path: Path):
+    if path.suffix == ".onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    from torch.ao.quantization.fx import _decomposed  # noqa: F401  registers the ops of pt2e's reference graph
+
+    return torch.jit.load(str(path))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # see pqsweep.export's doc
+@pytest.mark.parametrize("kind, fmt", SUPPORTED)
+def test_exported_file_reproduces_the_outputs(deployed, digits_batches, tmp_path, kind, fmt):
+    model = deployed[kind]
+    result = export(model, digits_batches[0][:1], fmt, tmp_path)
+    assert set(result) == {"export_max_abs_diff"}
+    # reloaded here, independently of export's own check, on eight other images at once
+    path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
+    images = digits_batches[1][:8]
+    with torch.no_grad():
+        expected, got = model(images), reload(path)(images).float()
+    tolerance = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}.get(kind, 1e-1) * max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= tolerance
+    assert result["export_max_abs_diff"] <= tolerance
+
+
+def test_a_structurally_pruned_model_exports_smaller(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, IN)
+    sizes = {}
+    for width in (OUT, OUT // 2):
+        model = nn.Sequential(nn.Linear(IN, width), nn.ReLU(), nn.Linear(width, 10)).eval()
+        assert export(model, x, "onnx", tmp_path / str(width))["export_max_abs_diff"] < 1e-5
+        sizes[width] = (tmp_path / str(width) / "model.onnx").stat().st_size
+    assert sizes[OUT // 2] < 0.6 * sizes[OUT]
+
+
+@pytest.mark.parametrize("kind, quantization, instead", [
+    ("bf16", "bf16", "use export=torchscript, or quantization=fp16"),
+    ("dynamic_int8", "dynamic_int8", "use export=torchscript"),
+    ("static_int8", r"static_int8 \(backend=fx", r"use export=torchscript, or quantization.backend=pt2e"),
+])
+def test_unsupported_export_is_a_one_line_error(deployed, digits_batches, tmp_path, kind, quantization, instead):
+    with pytest.raises(ExportError, match=rf"^export=onnx failed for quantization={quantization}.*: .*; {instead}") \
+            as error:
+        export(deployed[kind], digits_batches[0][:1], "onnx", tmp_path)
+    assert "\n" not in str(error.value)
+
+
+class BatchDependent(nn.Module):
+    """Doubles its output for batches of more than one: a trace at batch 1 bakes in the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(IN, 10)
+
+    def forward(self, x):
+        return self.layer(x) * (2 if x.shape[0] > 1 else 1)
+
+
+def test_a_file_that_does_not_reproduce_is_refused(tmp_path):
+    with pytest.raises(ExportError, match=r"^export=torchscript, quantization=none: the reloaded file's logits differ"):
+        export(BatchDependent().eval(), torch.randn(1, IN), "torchscript", tmp_path)
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"export=tflite is not allowed: must be one of none, onnx, torchscript"):
+        export(nn.Linear(2, 2), torch.randn(1, 2), "tflite", tmp_path)
