@@ -280,7 +280,10 @@ def validate(cfg: DictConfig) -> None:
     """Range checks that types alone cannot express. Raises ConfigError before any data is loaded."""
     p, q = cfg.pruning, cfg.quantization
     fraction = "a fraction in [0, 1)"
-    checks = [
+    # bits_w first: fake_quant's `bits` follows it, and the error should name the key the user typed
+    checks = [(f"quantization.{key}", q[key], 2 <= q[key] <= 16, "an integer in 2..16")
+              for key in ("bits_w", "bits_a") if key in q]
+    checks += [
         ("pruning.amount", p.amount, 0.0 <= p.amount < 1.0, fraction),
         ("quantization.bits", q.bits, 2 <= q.bits <= 32, "an integer in 2..32"),
         ("train.epochs", cfg.train.epochs, cfg.train.epochs >= 0, "an integer >= 0"),
@@ -299,9 +302,6 @@ def validate(cfg: DictConfig) -> None:
         checks.append(("pruning.layer_amounts", p.layer_amounts, exists, "an existing YAML file {layer: amount}"))
     if "rounds" in p:
         checks.append(("pruning.rounds", p.rounds, p.rounds >= 1, "an integer >= 1"))
-    for key in ("bits_w", "bits_a"):
-        if key in q:
-            checks.append((f"quantization.{key}", q[key], 2 <= q[key] <= 16, "an integer in 2..16"))
     if "qat_epochs" in q:
         checks.append(("quantization.qat_epochs", q.qat_epochs, q.qat_epochs >= 0, "an integer >= 0"))
     if "calibration_batches" in q:
