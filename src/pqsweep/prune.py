@@ -143,7 +143,15 @@ def stored_weights(model: nn.Module) -> list[StoredWeight]:
     root = model.inner if isinstance(model, CastInputs) else model
     modules = [ModuleWeight(name, module) for name, module in root.named_modules()
                if isinstance(module, PRUNABLE + QUANTIZED)]
-    return modules + _graph_weights(root)
+    # PT2E graphs may sit inside a wrapper (pqsweep.pt2e.Int8Pt2e keeps its int8 graph as `reference`)
+    return modules + [w for module in root.modules() for w in _graph_weights(module)]
+
+
+def _stored(model: nn.Module) -> nn.Module:
+    """After stored weights changed: a model that runs a lowered copy of its weights (PT2E) rebuilds it."""
+    if callable(getattr(model, "relower", None)):
+        model.relower()
+    return model
 
 
 def _magnitude(weight: StoredWeight) -> torch.Tensor:
@@ -216,7 +224,7 @@ def global_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
     round(amount * n) weights of smallest |value| among all n prunable weights."""
     _refuse_layer_amounts(cfg, "global_magnitude")
     _prune(_weights_to_prune(model, cfg.amount), _magnitude, float(cfg.amount))
-    return model
+    return _stored(model)
 
 
 def layer_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
@@ -224,7 +232,7 @@ def layer_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
     `amount` from `pruning.layer_amounts` for the layers that file names and `pruning.amount` for the rest."""
     weights = _weights_to_prune(model, cfg.amount)
     _prune(weights, _magnitude, _layer_amounts(weights, cfg, float(cfg.amount)))
-    return model
+    return _stored(model)
 
 
 def random(model: nn.Module, cfg, ctx=None) -> nn.Module:
@@ -245,7 +253,7 @@ def random(model: nn.Module, cfg, ctx=None) -> nn.Module:
     weights = _weights_to_prune(model, cfg.amount)
     per_layer = cfg.get("layer_amounts")
     _prune(weights, score, _layer_amounts(weights, cfg, float(cfg.amount)) if per_layer else float(cfg.amount))
-    return model
+    return _stored(model)
 
 
 # quantize_then_prune may run these on a converted int8 model (config.validate checks this attribute).
