@@ -77,7 +77,8 @@ def kind_of(model: nn.Module) -> Kind:
         return Kind("static_int8 (backend=fx; qat_int8 and mixed alike)", "int8",
                     {"onnx": "use export=torchscript, or quantization.backend=pt2e for an int8 ONNX file"})
     if any(isinstance(m, Int8Pt2e) for m in modules):
-        return Kind("static_int8 (backend=pt2e)", "int8", {"torchscript": "use export=onnx"})
+        return Kind("static_int8 (backend=pt2e)", "int8", {"onnx": "use export=torchscript",
+                                                           "torchscript": "use export=onnx"})
     if any(isinstance(getattr(m, "weight_bits", None), int) for m in modules):
         return Kind("fake_quant", "int8", {"onnx": "use export=torchscript", "torchscript": "use export=onnx"})
     if isinstance(model, CastInputs) and model.dtype in (torch.float16, torch.bfloat16):
@@ -107,8 +108,8 @@ def export(model: nn.Module, example: torch.Tensor, fmt: str, directory: str | P
     tolerance = TOLERANCE[kind.precision]
     if diff > tolerance * scale:
         raise ExportError(f"export={fmt}, quantization={kind.name}: the reloaded file's logits differ from the eager "
-                          f"model's by {diff:.3g}, more than the {kind.precision} tolerance {tolerance:g} x logit scale "
-                          f"{scale:.3g}; {kind.instead.get(fmt, 'use export=none')}")
+                          f"model's by {diff:.3g}, more than the {kind.precision} tolerance {tolerance:g} x logit "
+                          f"scale {scale:.3g}; {kind.instead.get(fmt, 'use export=none')}")
     return {"export_max_abs_diff": diff}
 
 

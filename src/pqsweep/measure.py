@@ -5,8 +5,8 @@ them: a torch.ao quantized tensor is its int8 integers plus its scale(s) (float6
 pair per tensor or per output channel; a quantized Linear's packed (weight, bias) tuple counts as its two tensors.
 A *weight* is a stored tensor of 2 or more dimensions that is an nn.Parameter or holds integers (Conv/Linear
 weights, float or int8, including PT2E's int8 weight buffers); a *parameter* is a weight, any other nn.Parameter
-(BatchNorm's affine) or a bias (a quantized layer's need not be a Parameter); everything else (BatchNorm running statistics, quantization scales and zero points)
-is neither. A weight is zero where its real (dequantized) value is 0.
+(BatchNorm's affine) or a bias (a quantized layer's need not be a Parameter); everything else (BatchNorm running
+statistics, quantization scales and zero points) is neither. A weight is zero where its real (dequantized) value is 0.
 - size_mb: bytes of `torch.save(model.state_dict())` of the deployable model (int8 weights stored as int8,
   fp16 as fp16, pruning masks already folded in) / 1e6.
 - size_gzip_mb: the same bytes after gzip (level 9) / 1e6: what zeros in a dense file buy on disk.
