@@ -122,6 +122,8 @@ class StructuredUnstructuredConfig(L1FilterConfig):
 @dataclass
 class IterativeConfig(PruningConfig):
     rounds: int = 3  # prune -> fine-tune rounds to reach `amount`
+    round_epochs: Optional[int] = None  # fine-tuning epochs between rounds (default train.finetune_epochs); reinit
+    # retrains from initial values, so it usually wants about train.epochs
     rewind: Rewind = Rewind.finetune
     schedule: Schedule = Schedule.geometric
     scope: Scope = Scope["global"]
@@ -302,6 +304,8 @@ def validate(cfg: DictConfig) -> None:
         checks.append(("pruning.layer_amounts", p.layer_amounts, exists, "an existing YAML file {layer: amount}"))
     if "rounds" in p:
         checks.append(("pruning.rounds", p.rounds, p.rounds >= 1, "an integer >= 1"))
+        epochs = p.round_epochs
+        checks.append(("pruning.round_epochs", epochs, epochs is None or epochs >= 0, "null or an integer >= 0"))
     if "qat_epochs" in q:
         checks.append(("quantization.qat_epochs", q.qat_epochs, q.qat_epochs >= 0, "an integer >= 0"))
     if "calibration_batches" in q:

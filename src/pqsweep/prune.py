@@ -286,6 +286,9 @@ def iterative(model: nn.Module, cfg, ctx) -> nn.Module:
     parameters and statistics back to their values at initialisation (`ctx.initial_state`: PyTorch's default
     uniform Kaiming draws, 003's "uniform re-initialisation" for compact nets) and retrains them; pruned weights
     stay zero and the next round ranks the retrained weights.
+
+    Between rounds it fine-tunes `round_epochs` epochs (default train.finetune_epochs); the pipeline's own
+    fine-tuning (train.finetune_epochs) follows the last round.
     """
     rounds, scope = int(cfg.rounds), getattr(cfg.scope, "value", cfg.scope)
     rewind = getattr(cfg.rewind, "value", cfg.rewind)
@@ -308,7 +311,7 @@ def iterative(model: nn.Module, cfg, ctx) -> nn.Module:
         if rewind == "reinit":
             rewind_to_init(model, ctx.initial_state)
         if t < rounds - 1:
-            ctx.finetune(model, desc=f"finetune round {t + 1}/{rounds}")
+            ctx.finetune(model, epochs=cfg.get("round_epochs"), desc=f"finetune round {t + 1}/{rounds}")
     return model
 
 
