@@ -187,7 +187,7 @@ def _writable(model: nn.Module) -> nn.Module:
 
     if not isinstance(model, pt2e.Int8Pt2e):
         return model
-    graph = pt2e._lowerable(model.reference)  # a copy
+    graph = model.exportable()  # a copy
     # An exported graph refuses .eval() (its ops do not switch with the mode; BatchNorm is folded in) and so stays
     # in training mode, which the ONNX exporter warns about; the flag changes nothing it computes.
     for module in graph.modules():

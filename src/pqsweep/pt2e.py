@@ -89,6 +89,10 @@ class Int8Pt2e(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lowered(x)
 
+    def exportable(self) -> fx.GraphModule:
+        """A copy of the int8 graph in the form it is lowered from (literal activation scales): what export writes."""
+        return _lowerable(self.reference)
+
     def train(self, mode: bool = True) -> "Int8Pt2e":
         """Only records the flag: exported graphs refuse train()/eval(), and a converted int8 graph has no
         training behaviour left (BatchNorm folded, no dropout), so evaluation code may call eval() as usual."""
