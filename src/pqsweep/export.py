@@ -24,6 +24,7 @@ kind here, torch.ao's int8 modules included, in a file that torch.jit.load runs 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -230,4 +231,17 @@ class _quiet(warnings.catch_warnings):
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
         # Tracing turns quantization scales and zero points into constants: after conversion they are constants.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The torch.export-based ONNX exporter logs every optimisation pass at INFO (one line per Q/DQ node); under
+        # Hydra's INFO root logger that buries the run's own log. Its warnings and errors still show.
+        self._levels = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         return self
+
+    def __exit__(self, *exc):
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        return super().__exit__(*exc)
+
+
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx")
