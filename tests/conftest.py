@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from pqsweep.config import register
@@ -31,3 +32,11 @@ def make_cfg(tmp_path):
             return compose("config", overrides=(TINY if tiny else []) + paths + list(overrides))
 
     return _make
+
+
+@pytest.fixture(autouse=True)
+def keep_quantized_engine():
+    """The int8 quantizers set torch's global quantized engine; leave it as the next test expects it."""
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine

@@ -13,11 +13,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, pipeline, prune
+from pqsweep import measure, models, prune
 from pqsweep.config import register
 from pqsweep.data import DataSplits
 from pqsweep.fake_quant import FakeQuantized, fake_quant
 from pqsweep.train import Context
+
+from nets import load_digits, small_cnn, train_briefly
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -30,8 +32,7 @@ def quant_cfg(*overrides: str):
 
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return pipeline.load_data(compose("config", overrides=["dataset=digits"]))[0]
+    return load_digits()
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +45,7 @@ def context(digits) -> Context:
 @pytest.fixture(scope="module")
 def trained(digits) -> nn.Module:
     """small_cnn after ten epochs on digits (94.7 % test top-1): small enough that 2-bit weights hurt."""
-    torch.manual_seed(0)
-    model = models.small_cnn(num_classes=10, in_channels=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = DataLoader(digits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(10):
-        for x, y in batches:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
+    return train_briefly(small_cnn(), digits.train, epochs=10)
 
 
 @pytest.fixture(scope="module")

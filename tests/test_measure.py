@@ -25,14 +25,6 @@ register()
 IN, OUT = 100, 50  # Linear(100, 50): 5000 weights, a 625-byte bitmask, 50 biases
 
 
-@pytest.fixture(autouse=True)
-def keep_quantized_engine():
-    """The int8 quantizers set torch's global quantized engine; leave it as the next test expects it."""
-    engine = torch.backends.quantized.engine
-    yield
-    torch.backends.quantized.engine = engine
-
-
 def deploy(name: str, model: nn.Module, batches: list[torch.Tensor], *overrides: str) -> nn.Module:
     """The real `quantization=<name>` option, as the pipeline calls it."""
     with initialize_config_dir(config_dir=str(CONF_DIR)):

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, pipeline, prune, quantize
+from pqsweep import measure, pipeline, prune, quantize
 from pqsweep.config import register
 from pqsweep.train import Context
+
+from nets import small_cnn, train_briefly, wide_convnet
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -40,33 +42,9 @@ def option(name: str, *overrides: str) -> DictConfig:
     return compose_cfg(f"pruning={name}", *(f"pruning.{o}" for o in overrides)).pruning
 
 
-def wide_convnet() -> nn.Module:
-    """8x8 digits net with BatchNorm and 280 k weights, most in the first Linear layer (cheap to train)."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return models.small_cnn(num_classes=10, in_channels=1).eval()
-
-
 def zero_count(model: nn.Module) -> tuple[int, int]:
     """(stored prunable weights, of which zero): int8 layers count their integers equal to the zero-point."""
     return prune.footprint(model)
-
-
-@pytest.fixture(autouse=True)
-def keep_quantized_engine():
-    engine = torch.backends.quantized.engine
-    yield
-    torch.backends.quantized.engine = engine
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +57,7 @@ def digits():
 def trained(digits):
     """wide_convnet after two epochs on digits (about 97 % test accuracy)."""
     splits, _ = digits
-    model = wide_convnet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = DataLoader(splits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(2):
-        for x, y in batches:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
+    return train_briefly(wide_convnet(), splits.train, epochs=2)
 
 
 def top1(model: nn.Module, digits) -> float:

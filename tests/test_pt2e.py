@@ -13,11 +13,13 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, pipeline
+from pqsweep import measure, models
 from pqsweep.config import register
 from pqsweep.data import DataSplits
 from pqsweep.pt2e import Int8Pt2e, static_int8_pt2e
 from pqsweep.train import Context
+
+from nets import load_digits, outputs, small_cnn, train_briefly, wide_convnet
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -34,27 +36,9 @@ def quant_cfg(*overrides: str):
         return compose("config", overrides=overrides).quantization
 
 
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return models.small_cnn(num_classes=10, in_channels=1)
-
-
-def wide_convnet() -> nn.Module:
-    """As in test_stages: BatchNorm after a bias-free and a biased conv, most weights in a Linear layer."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return pipeline.load_data(compose("config", overrides=["dataset=digits"]))[0]
+    return load_digits()
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +52,7 @@ def trained(digits) -> dict[str, nn.Module]:
     """Both nets after a few epochs on digits (about 95-97 % test top-1), so logits have real structure."""
     nets = {}
     for name, build, epochs in [("small_cnn", small_cnn, 8), ("wide_convnet", wide_convnet, 2)]:
-        model = build()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        batches = DataLoader(digits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-        model.train()
-        for _ in range(epochs):
-            for x, y in batches:
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
-        nets[name] = model.eval()
+        nets[name] = train_briefly(build(), digits.train, epochs)
     return nets
 
 
@@ -91,11 +66,6 @@ def deployed(trained, context) -> dict[tuple[str, str], Int8Pt2e]:
 @pytest.fixture(scope="module")
 def held_out_images(digits) -> torch.Tensor:
     return next(iter(DataLoader(digits.test, batch_size=len(digits.test))))[0]
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 def kernels(model: Int8Pt2e) -> set[str]:

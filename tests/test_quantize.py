@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import qat as niqat
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, pipeline, prune, quantize
-from pqsweep.config import register
+from pqsweep import measure, models, prune, quantize
 from pqsweep.data import DataSplits
 from pqsweep.train import Context
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register()
+from nets import compose_cfg, load_digits, outputs, train_briefly, wide_convnet
+
 
 QUANTIZERS = {
     "none": quantize.fp32,
@@ -29,28 +26,6 @@ QUANTIZERS = {
     "qat_int8": quantize.qat_int8,
     "mixed": quantize.mixed,
 }
-
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return compose("config", overrides=list(overrides))
-
-
-def wide_convnet() -> nn.Module:
-    """tests/test_stages.py's net: Conv-BN-ReLU blocks (one conv without bias), then two Linear layers."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -64,17 +39,9 @@ def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.fixture(autouse=True)
-def keep_quantized_engine():
-    """The quantizers set torch's global quantized engine; leave it as the next test file expects it."""
-    engine = torch.backends.quantized.engine
-    yield
-    torch.backends.quantized.engine = engine
-
-
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
-    return pipeline.load_data(compose_cfg("dataset=digits"))[0]
+    return load_digits()
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +59,7 @@ def test_loader(digits) -> DataLoader:
 @pytest.fixture(scope="module")
 def trained(digits) -> nn.Module:
     """wide_convnet after two epochs on digits (about 97 % test accuracy)."""
-    model = wide_convnet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = DataLoader(digits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(2):
-        for x, y in batches:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
+    return train_briefly(wide_convnet(), digits.train, epochs=2)
 
 
 def quantized(name: str, model: nn.Module, ctx: Context, *overrides: str) -> nn.Module:

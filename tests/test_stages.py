@@ -6,69 +6,26 @@ import copy
 import io
 import itertools
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqsweep import measure, models, pipeline, prune, quantize
 from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.config import register
 from pqsweep.data import DataSplits
 from pqsweep.train import Context
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register()
-
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return compose("config", overrides=list(overrides))
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return models.small_cnn(num_classes=10, in_channels=1).eval()
-
-
-def wide_convnet() -> nn.Module:
-    """A net for 8x8 digits whose 280 k weights dominate its file, so size ratios show the storage precision.
-
-    Most weights sit in the first Linear layer, where they cost one MAC each per image, so training stays fast.
-    The first conv has no bias (as in ResNets) and the second has one, so both cases of Conv+BN folding occur.
-    """
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
-        nn.Linear(256, 10),
-    )
-
-
-def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
-
-
-@pytest.fixture(autouse=True)
-def keep_quantized_engine():
-    """The quantizers set torch's global quantized engine; leave it as the next test file expects it."""
-    engine = torch.backends.quantized.engine
-    yield
-    torch.backends.quantized.engine = engine
+from nets import compose_cfg, load_digits, outputs, small_cnn, train_briefly, wide_convnet
 
 
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
     """The embedded digits (8x8, 10 classes) as the pipeline loads them."""
-    return pipeline.load_data(compose_cfg("dataset=digits"))[0]
+    return load_digits()
 
 
 # --- pruning ---------------------------------------------------------------------------------------------------
@@ -188,16 +145,7 @@ def calibration(digits):
 @pytest.fixture(scope="module")
 def trained(digits):
     """wide_convnet after two epochs on digits (about 97 % test accuracy): logits with real structure."""
-    model = wide_convnet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = DataLoader(digits.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(2):
-        for x, y in batches:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
+    return train_briefly(wide_convnet(), digits.train, epochs=2)
 
 
 @pytest.fixture(scope="module")
