@@ -164,6 +164,13 @@ BAD_INPUT = {
                        ["quantization.engine", "foo", "x86", "fbgemm", "qnnpack"]),
     "unknown backend": (["quantization=static_int8", "quantization.backend=foo"],
                         ["quantization.backend", "foo", "fx", "pt2e"]),
+    "pt2e outside static_int8": (["quantization=qat_int8", "quantization.backend=pt2e"],
+                                 ["quantization.backend=pt2e", "static_int8"]),
+    "structured pruning after quantization": (
+        ["pruning=l1_filter", "quantization=static_int8", "quantization.order=quantize_then_prune"],
+        ["pruning=l1_filter", "quantize_then_prune", "global_magnitude", "layer_magnitude", "random"]),
+    "missing layer amounts file": (["pruning=layer_magnitude", "pruning.layer_amounts=/nonexistent/amounts.yaml"],
+                                   ["pruning.layer_amounts=/nonexistent/amounts.yaml", "existing YAML file"]),
     "misspelt key": (["train.epoch=3"], ["train.epoch", "epochs"]),
     "wrong type": (["train.epochs=abc"], ["train.epochs", "abc"]),
     "bad grid value": (["pruning.amount=0,0.5,1.2"], ["pruning.amount=1.2"]),

@@ -311,6 +311,9 @@ def validate(cfg: DictConfig) -> None:
     if "calibration_batches" in q:
         checks.append(("quantization.calibration_batches", q.calibration_batches, q.calibration_batches >= 1,
                        "an integer >= 1"))
+    if q.get("backend") == Backend.pt2e:  # only static PTQ has a PT2E path; refuse before training, not after
+        static = q._target_ == "pqsweep.quantize.static_int8"
+        checks.append(("quantization.backend", "pt2e", static, "fx for every option but static_int8"))
     for layer, precision in (q.get("layers") or {}).items():
         checks.append((f"quantization.layers.{layer}", precision, precision in ("fp32", "int8"), "fp32 or int8"))
     if q.order == Order.quantize_then_prune and not getattr(_target(p), "prunes_stored_weights", False):
