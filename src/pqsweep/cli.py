@@ -2,6 +2,8 @@
 
     pqsweep                                              # cnn on digits, fp32, no pruning
     pqsweep model=resnet18_cifar dataset=fake pruning=global_magnitude pruning.amount=0.9 quantization=static_int8
+    pqsweep pruning=l1_filter quantization=static_int8 quantization.backend=pt2e export=onnx
+    pqsweep pruning=iterative pruning.schedule=gradual quantization=qat_int8
     pqsweep -m pruning.amount=0,0.5,0.9 quantization=none,fp16,static_int8     # Hydra's basic grid
     pqsweep -m sweep=mnist_cnn_sparsity_x_precision                         # a study from sweeps/ (Optuna)
 """
