@@ -40,3 +40,11 @@ def keep_quantized_engine():
     engine = torch.backends.quantized.engine
     yield
     torch.backends.quantized.engine = engine
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The embedded digits splits (8x8, 10 classes) as the pipeline loads them."""
+    from nets import load_digits
+
+    return load_digits()

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from pqsweep import models, pipeline
 from pqsweep.config import register
 from pqsweep.data import DataSplits
+from pqsweep.train import Context
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
@@ -29,6 +30,11 @@ def compose_cfg(*overrides: str) -> DictConfig:
 def load_digits() -> DataSplits:
     """The embedded digits (8x8, 10 classes) as the pipeline loads them."""
     return pipeline.load_data(compose_cfg("dataset=digits"))[0]
+
+
+def calibration_context(batches: list, train_cfg=None) -> Context:
+    """What the pipeline hands a quantizer, with `batches` as the training loader (calibration, QAT)."""
+    return Context(loaders={"train": batches}, example=batches[0][0][:1] if batches else None, train_cfg=train_cfg)
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

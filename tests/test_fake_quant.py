@@ -4,42 +4,29 @@ from __future__ import annotations
 
 import copy
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pqsweep import measure, models, prune
-from pqsweep.config import register
-from pqsweep.data import DataSplits
 from pqsweep.fake_quant import FakeQuantized, fake_quant
 from pqsweep.train import Context
 
-from nets import load_digits, small_cnn, train_briefly
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register()
+from nets import calibration_context, compose_cfg, small_cnn, train_briefly
 
 
 def quant_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return compose("config", overrides=["quantization=fake_quant", *overrides]).quantization
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_digits()
+    return compose_cfg("quantization=fake_quant", *overrides).quantization
 
 
 @pytest.fixture(scope="module")
 def context(digits) -> Context:
     """The first eight training batches as the calibration loader."""
     batches = list(itertools.islice(DataLoader(digits.train, batch_size=64), 8))
-    return Context(loaders={"train": batches}, example=batches[0][0][:1], train_cfg=None)
+    return calibration_context(batches)
 
 
 @pytest.fixture(scope="module")

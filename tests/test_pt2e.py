@@ -5,24 +5,18 @@ from __future__ import annotations
 import copy
 import io
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader
 
 from pqsweep import measure, models
-from pqsweep.config import register
-from pqsweep.data import DataSplits
 from pqsweep.pt2e import Int8Pt2e, static_int8_pt2e
 from pqsweep.train import Context
 
-from nets import load_digits, outputs, small_cnn, train_briefly, wide_convnet
+from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register()
 
 ONEDNN_INT8 = {"onednn.qconv_pointwise.default", "onednn.qconv2d_pointwise.binary", "onednn.qlinear_pointwise.default"}
 FLOAT_KERNELS = {"aten.convolution.default", "aten.conv2d.default", "aten.linear.default", "aten.addmm.default",
@@ -30,21 +24,14 @@ FLOAT_KERNELS = {"aten.convolution.default", "aten.conv2d.default", "aten.linear
 
 
 def quant_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        overrides = ["quantization=static_int8", "quantization.backend=pt2e", "quantization.calibration_batches=4",
-                     *overrides]
-        return compose("config", overrides=overrides).quantization
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_digits()
+    base = ["quantization=static_int8", "quantization.backend=pt2e", "quantization.calibration_batches=4"]
+    return compose_cfg(*base, *overrides).quantization
 
 
 @pytest.fixture(scope="module")
 def context(digits) -> Context:
     batches = list(itertools.islice(DataLoader(digits.train, batch_size=64), 4))
-    return Context(loaders={"train": batches}, example=batches[0][0][:1], train_cfg=None)
+    return calibration_context(batches)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +124,7 @@ def test_resnet18_cifar_any_batch_size():
     torch.manual_seed(0)
     model = models.resnet18_cifar(num_classes=10, in_channels=3).eval()
     batches = [(torch.randn(8, 3, 32, 32), None) for _ in range(2)]
-    context = Context(loaders={"train": batches}, example=batches[0][0][:1], train_cfg=None)
+    context = calibration_context(batches)
     quantized = static_int8_pt2e(model, quant_cfg("quantization.calibration_batches=2"), context)
     assert ONEDNN_INT8 <= kernels(quantized) and not kernels(quantized) & FLOAT_KERNELS
     weights = [v for k, v in quantized.state_dict().items() if k.endswith(".weight")]

@@ -13,10 +13,9 @@ from torch.ao.nn.intrinsic import qat as niqat
 from torch.utils.data import DataLoader
 
 from pqsweep import measure, models, prune, quantize
-from pqsweep.data import DataSplits
 from pqsweep.train import Context
 
-from nets import compose_cfg, load_digits, outputs, train_briefly, wide_convnet
+from nets import calibration_context, compose_cfg, outputs, train_briefly, wide_convnet
 
 
 QUANTIZERS = {
@@ -37,11 +36,6 @@ def stored_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
             found[name] = weight
     return found
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    return load_digits()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +196,7 @@ def test_shufflenet_ending_in_a_mean_over_1x1_converts(name):
     torch.manual_seed(0)
     model = models.shufflenet_v2(num_classes=10, in_channels=3).eval()
     batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
-    ctx = Context(loaders={"train": batches}, example=batches[0][0][:1], train_cfg=compose_cfg().train)
+    ctx = calibration_context(batches, compose_cfg().train)
     cfg = compose_cfg(f"quantization={name}", "quantization.calibration_batches=1").quantization
     if name == "qat_int8":
         cfg.qat_epochs = 0  # the conversion is what is tested; one QAT step would only add time

@@ -16,16 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pqsweep import measure, models, pipeline, prune, quantize
 from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.data import DataSplits
-from pqsweep.train import Context
 
-from nets import compose_cfg, load_digits, outputs, small_cnn, train_briefly, wide_convnet
-
-
-@pytest.fixture(scope="module")
-def digits() -> DataSplits:
-    """The embedded digits (8x8, 10 classes) as the pipeline loads them."""
-    return load_digits()
+from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet
 
 
 # --- pruning ---------------------------------------------------------------------------------------------------
@@ -130,10 +122,6 @@ def quantized(name: str, model: nn.Module, calibration, *overrides: str) -> nn.M
     """Quantize with the real `quantization=<name>` option (plus overrides), as the pipeline does."""
     cfg = compose_cfg(f"quantization={name}", *overrides).quantization
     return QUANTIZERS[name](model, cfg, calibration_context(calibration))
-
-
-def calibration_context(batches) -> Context:
-    return Context(loaders={"train": batches}, example=batches[0][0][:1] if batches else None, train_cfg=None)
 
 
 @pytest.fixture(scope="module")
