@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from pqsweep import measure, pipeline
 from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.config import ConfigError
+from pqsweep.config import ConfigError, validate
 from pqsweep.prune import prunable_layers
-from pqsweep.sensitivity import Curves, check, choose, run_and_log, scan, write_amounts
+from pqsweep.sensitivity import Curves, choose, run_and_log, scan, write_amounts
 from pqsweep.tracking import resolve_uri
 from pqsweep.train import Context
 
@@ -68,9 +68,9 @@ def test_choose_stops_at_the_first_amount_past_the_tolerance():
 
 def test_the_test_split_is_refused(make_cfg):
     with pytest.raises(ConfigError, match=r"^sensitivity.split=test is not allowed"):
-        check(make_cfg("sensitivity.split=test"))
+        validate(make_cfg("sensitivity.split=test"))
     with pytest.raises(ConfigError, match=r"^sensitivity.amounts="):
-        check(make_cfg("sensitivity.amounts=[0,1.0]"))
+        validate(make_cfg("sensitivity.amounts=[0,1.0]"))
 
 
 def test_logged_run_and_amounts_round_trip_into_a_pruning_run(make_cfg, tmp_path):

@@ -212,13 +212,17 @@ class SensitivityMethod(str, Enum):
     l1_filter = "l1_filter"  # whole filters by L1 norm, physically removed
 
 
+# Never test: the amounts a sensitivity scan chooses are a decision, and test data must not make it.
+SENSITIVITY_SPLITS = ("val", "train")
+
+
 @dataclass
 class SensitivityConfig:
     """`pqsweep-sensitivity`: prune each prunable layer alone, and the whole net globally, and record accuracy."""
 
     method: SensitivityMethod = SensitivityMethod.magnitude
     amounts: List[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
-    split: str = "val"  # accuracy measured here; choosing amounts on the test split would leak it
+    split: str = "val"  # accuracy measured here (SENSITIVITY_SPLITS); choosing amounts on test would leak it
     tolerance: float = 1.0  # per-layer amount written = largest amount whose top-1 drop stays within this (pp)
     output: str = "layer_amounts.yaml"  # relative paths resolve against the launch directory
 
@@ -320,6 +324,14 @@ def validate(cfg: DictConfig) -> None:
         allowed = "none, global_magnitude, layer_magnitude, random"
         checks.append(("pruning", p.name, False, f"an unstructured option with quantization.order="
                        f"quantize_then_prune ({allowed})"))
+    sens = cfg.sensitivity
+    checks += [
+        ("sensitivity.amounts", list(sens.amounts), len(sens.amounts) > 0 and all(0 <= a < 1 for a in sens.amounts),
+         "a non-empty list of fractions in [0, 1)"),
+        ("sensitivity.split", sens.split, sens.split in SENSITIVITY_SPLITS,
+         f"one of {', '.join(SENSITIVITY_SPLITS)} (test would leak into the amounts chosen)"),
+        ("sensitivity.tolerance", sens.tolerance, sens.tolerance >= 0, "a top-1 drop in pp, >= 0"),
+    ]
     unknown = [name for name in cfg.study.objectives if name not in METRICS]
     if unknown or not cfg.study.objectives:
         checks.append(("study.objectives", list(cfg.study.objectives), False, f"metric names among {', '.join(METRICS)}"))

@@ -93,11 +93,11 @@ def check(overrides: list[str], config_dir: Path) -> str | None:
     return None
 
 
-def preflight(argv: list[str], config_dir: Path) -> None:
+def preflight(argv: list[str], config_dir: Path, prog: str = "pqsweep") -> None:
     args, _ = get_args_parser().parse_known_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_name:
         return  # Hydra answers these itself; a different primary config is the user's to check
     problem = check(args.overrides, config_dir)
     if problem:
-        print(f"pqsweep: error: {problem}", file=sys.stderr)
+        print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -29,8 +29,6 @@ import hydra
 import mlflow
 import torch.nn.utils.prune as torch_prune
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra._internal.utils import get_args_parser
 from hydra.utils import execution_whitelist, to_absolute_path
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
@@ -40,14 +38,13 @@ from tqdm.auto import tqdm
 
 from pqsweep import measure, tracking
 from pqsweep.cli import CONF_DIR
-from pqsweep.config import TRUSTED_TARGETS, ConfigError, SensitivityMethod, validate
+from pqsweep.config import TRUSTED_TARGETS, SensitivityMethod, validate
 from pqsweep.pipeline import baseline, build_model, load_data
-from pqsweep.preflight import expand, preflight
+from pqsweep.preflight import preflight
 from pqsweep.prune import global_magnitude, prunable_layers
 from pqsweep.train import seed_everything
 
 log = logging.getLogger("pqsweep.sensitivity")
-SPLITS = ("val", "train")  # never test: the amounts chosen here are a decision, and test data must not make it
 
 
 @dataclass
@@ -75,21 +72,6 @@ class Curves:
         writer.writeheader()
         writer.writerows(self.rows)
         return out.getvalue()
-
-
-def check(cfg: DictConfig) -> None:
-    """Range checks of the `sensitivity` node; one-line ConfigError naming the key."""
-    s = cfg.sensitivity
-    checks = [
-        ("sensitivity.amounts", list(s.amounts), len(s.amounts) > 0 and all(0 <= a < 1 for a in s.amounts),
-         "a non-empty list of fractions in [0, 1)"),
-        ("sensitivity.split", s.split, s.split in SPLITS, f"one of {', '.join(SPLITS)} (test would leak into the "
-         "amounts chosen)"),
-        ("sensitivity.tolerance", s.tolerance, s.tolerance >= 0, "a top-1 drop in pp, >= 0"),
-    ]
-    for key, value, ok, allowed in checks:
-        if not ok:
-            raise ConfigError(f"{key}={value} is not allowed: must be {allowed}")
 
 
 def scan_layers(model: nn.Module, method: SensitivityMethod) -> list[str]:
@@ -144,7 +126,6 @@ def scan(cfg: DictConfig) -> tuple[Curves, dict[str, float]]:
     """The baseline as the pipeline gets it, then top-1 with each layer pruned alone and with the whole net
     pruned globally at every amount; returns the curves and the chosen {layer: amount}."""
     validate(cfg)
-    check(cfg)
     s = cfg.sensitivity
     seed_everything(cfg.train.seed)  # the same initialisation as a pipeline run: the same cached baseline
     splits, loaders = load_data(cfg)
@@ -276,22 +257,8 @@ def app(cfg: DictConfig) -> None:
     print(f"wrote {output}; use it with: pqsweep pruning={pruning} pruning.layer_amounts={output}")
 
 
-def _check_command_line(argv: list[str]) -> None:
-    """The sensitivity node's ranges, checked like `preflight` checks the rest: one line, before any data loads."""
-    args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_name:
-        return
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        try:
-            check(compose("config", overrides=expand(args.overrides)[0]))
-        except ConfigError as error:
-            print(f"pqsweep-sensitivity: error: {error}", file=sys.stderr)
-            sys.exit(1)
-
-
 def main() -> None:
-    preflight(sys.argv[1:], CONF_DIR)
-    _check_command_line(sys.argv[1:])
+    preflight(sys.argv[1:], CONF_DIR, prog="pqsweep-sensitivity")  # sensitivity ranges are in config.validate
     with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
         app()
 
