@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pqsweep import tracking
 from pqsweep.cli import run_and_log
 from pqsweep.config import METRICS
 from pqsweep.tracking import resolve_uri
@@ -67,6 +68,16 @@ def test_a_failing_run_is_recorded_as_failed(make_cfg):
     (trial,) = runs(cfg, "trial")
     assert trial.info.status == "FAILED"
     assert "RuntimeError" in trial.data.tags["error"]
+
+
+def test_ctrl_c_marks_the_run_killed_not_failed(make_cfg):
+    cfg = make_cfg()
+    tracking.setup(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.task_run("interrupted", {"stage": "trial"}):
+            raise KeyboardInterrupt
+    (trial,) = runs(cfg, "trial")
+    assert trial.info.status == "KILLED" and "error" not in trial.data.tags
 
 
 def test_a_trial_does_not_depend_on_who_filled_the_cache(make_cfg):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,21 +47,14 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
         tags["trial_number"] = str(HydraConfig.get().job.num)
     name = f"{cfg.model.name}-{cfg.pruning.name}{cfg.pruning.amount:g}-{cfg.quantization.name}"
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    with mlflow.start_run(run_name=name, parent_run_id=os.environ.get(tracking.PARENT_ENV), tags=tags) as active:
+    with tracking.task_run(name, tags) as active:
         run_id = active.info.run_id
         tracking.log_batch(mlflow.MlflowClient(), run_id, params=tracking.flat_params(cfg))
         mlflow.log_text(config_yaml, "config.yaml")
-        try:
-            with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
-                result = run(cfg, artifact_dir=exported)
-                if any(Path(exported).iterdir()):
-                    mlflow.log_artifacts(exported, "model")
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")  # stopped by the user, not a failure of the method
-            raise
-        except Exception as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise  # mlflow.start_run's context marks the run FAILED
+        with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
+            result = run(cfg, artifact_dir=exported)
+            if any(Path(exported).iterdir()):
+                mlflow.log_artifacts(exported, "model")
         mlflow.set_tag("baseline_cached", str(result.baseline.cached).lower())
         mlflow.log_metrics(result.metrics)
     with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once

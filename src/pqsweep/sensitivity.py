@@ -19,7 +19,6 @@ import copy
 import csv
 import io
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -200,19 +199,12 @@ def run_and_log(cfg: DictConfig) -> tuple[Curves, dict[str, float], str]:
     tracking.setup(cfg)
     tags = {"stage": "sensitivity", "sweep": cfg.study.name, "method": cfg.sensitivity.method.value}
     name = f"sensitivity-{cfg.model.name}-{cfg.dataset.name}-{cfg.sensitivity.method.value}"
-    with mlflow.start_run(run_name=name, parent_run_id=os.environ.get(tracking.PARENT_ENV), tags=tags) as active:
+    with tracking.task_run(name, tags) as active:
         client, run_id = mlflow.MlflowClient(), active.info.run_id
         groups = ("model", "dataset", "train", "sensitivity", "device")
         tracking.log_batch(client, run_id, params=tracking.flat_params(cfg, groups=groups))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        try:
-            curves, amounts = scan(cfg)
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")
-            raise
-        except Exception as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            raise
+        curves, amounts = scan(cfg)
         output = write_amounts(amounts, to_absolute_path(cfg.sensitivity.output))  # relative: to the launch dir
         mlflow.log_text(Path(output).read_text(), "layer_amounts.yaml")
         mlflow.log_text(curves.to_csv(), "sensitivity.csv")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 from hydra.experimental.callback import Callback
@@ -76,6 +77,21 @@ def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags
         metrics=[Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
     )
+
+
+@contextmanager
+def task_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one task, the child of the sweep's parent run when there is one. An exception inside is
+    recorded as the run's `error` tag (start_run marks it FAILED); Ctrl-C marks it KILLED, not a failure."""
+    with mlflow.start_run(run_name=run_name, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as active:
+        try:
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+        except Exception as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise
 
 
 def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str | None:
