@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, prune
-from pqsweep.fake_quant import FakeQuantized, fake_quant
+from pqsweep import measure, models
+from pqsweep.pruning import unstructured
+from pqsweep.quantization.fake_quant import FakeQuantized, fake_quant
 from pqsweep.train import Context
 
 from nets import calibration_context, compose_cfg, small_cnn, train_briefly
@@ -123,7 +124,7 @@ def test_symmetric_and_affine_grids_differ_as_defined(trained, context):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pruned_weights_stay_zero(trained, context, symmetric):
     pruned = copy.deepcopy(trained)
-    prune.global_magnitude(pruned, OmegaConf.create({"amount": 0.7}))
+    unstructured.global_magnitude(pruned, OmegaConf.create({"amount": 0.7}))
     model = fake_quant(pruned, quant_cfg("quantization.bits_w=3", f"quantization.symmetric={symmetric}"), context)
     for original, layer in zip([m for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
                                quantized_layers(model)):

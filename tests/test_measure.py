@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.nn import quantized as nnq
 
-from pqsweep import measure, models, prune
+from pqsweep import measure, models
+from pqsweep.pruning import unstructured
 from pqsweep.config import register
 from pqsweep.export import ExportError, export
 
@@ -119,7 +120,7 @@ def test_weight_bits_set_the_theoretical_size(on_wrapper):
 
 
 def test_fake_quant_sizes_count_its_bits(digits_batches):
-    model = prune.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
+    model = unstructured.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
     deployed = deploy("fake_quant", model, digits_batches, "quantization.bits_w=4")
     layers = [m for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     weights = sum(int(torch.count_nonzero(m.weight)) for m in layers)
@@ -128,7 +129,7 @@ def test_fake_quant_sizes_count_its_bits(digits_batches):
 
 
 def test_pt2e_int8_weight_buffers_are_weights(digits_batches):
-    model = prune.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
+    model = unstructured.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
     deployed = deploy("static_int8", model, digits_batches, "quantization.backend=pt2e")
     weights = [t for t in deployed.state_dict().values() if t.dtype == torch.int8]
     assert len(weights) == 4  # int8 buffers, not nn.Parameters
@@ -148,7 +149,7 @@ def test_a_shared_layer_is_counted_once():
 def test_sparse_size_pays_only_with_zeros():
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(512, 512))  # a 32 KB bitmask: more than torch.save's framing
-    sparse = prune.global_magnitude(copy.deepcopy(dense), OmegaConf.create({"amount": 0.9}))
+    sparse = unstructured.global_magnitude(copy.deepcopy(dense), OmegaConf.create({"amount": 0.9}))
     dense_sizes, sparse_sizes = measure.sizes(dense), measure.sizes(sparse)
     assert dense_sizes["size_sparse_mb"] > dense_sizes["size_mb"]  # every weight plus the bitmask
     assert sparse_sizes["size_sparse_mb"] < 0.2 * sparse_sizes["size_mb"]  # 10 % of the values + 1/32 for the mask
@@ -180,7 +181,7 @@ def digits_batches() -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def pruned_cnn() -> nn.Module:
     torch.manual_seed(0)
-    return prune.global_magnitude(models.small_cnn(10, 1).eval(), OmegaConf.create({"amount": 0.9}))
+    return unstructured.global_magnitude(models.small_cnn(10, 1).eval(), OmegaConf.create({"amount": 0.9}))
 
 
 @pytest.fixture(scope="module")

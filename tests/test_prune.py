@@ -16,7 +16,9 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, pipeline, prune, quantize
+from pqsweep import measure, pipeline, weights
+from pqsweep.pruning import iterative, unstructured
+from pqsweep.quantization import cast, fx
 from pqsweep.config import register
 from pqsweep.train import Context
 
@@ -44,7 +46,7 @@ def option(name: str, *overrides: str) -> DictConfig:
 
 def zero_count(model: nn.Module) -> tuple[int, int]:
     """(stored prunable weights, of which zero): int8 layers count their integers equal to the zero-point."""
-    return prune.footprint(model)
+    return weights.footprint(model)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,8 @@ def context(digits, seed: int = 0, **train) -> Context:
 
 def test_magnitude_beats_random_at_90_percent(trained, digits):
     dense = top1(trained, digits)
-    magnitude = top1(prune.global_magnitude(copy.deepcopy(trained), option("global_magnitude", "amount=0.9")), digits)
-    randoms = [top1(prune.random(copy.deepcopy(trained), option("random", "amount=0.9"), context(digits, seed)), digits)
+    magnitude = top1(unstructured.global_magnitude(copy.deepcopy(trained), option("global_magnitude", "amount=0.9")), digits)
+    randoms = [top1(unstructured.random(copy.deepcopy(trained), option("random", "amount=0.9"), context(digits, seed)), digits)
                for seed in range(3)]
     print(f"\ndigits top-1 at 90 % sparsity, no fine-tuning: dense {dense:.1f}, global magnitude {magnitude:.1f}, "
           f"random (seeds 0-2) {', '.join(f'{r:.1f}' for r in randoms)}")
@@ -89,33 +91,33 @@ def test_magnitude_beats_random_at_90_percent(trained, digits):
 def test_random_reaches_the_exact_amount_and_depends_on_the_seed(digits, amount):
     def pruned(seed):
         model = small_cnn()
-        prune.random(model, option("random", f"amount={amount}"), context(digits, seed))
+        unstructured.random(model, option("random", f"amount={amount}"), context(digits, seed))
         return model
 
     original = small_cnn()
     runs = {0: pruned(0), "again": pruned(0), 1: pruned(1)}
     total, zeros = zero_count(runs[0])
     assert zeros == round(amount * total)
-    for (_, before), (_, after) in zip(prune.prunable_layers(original), prune.prunable_layers(runs[0])):
+    for (_, before), (_, after) in zip(weights.prunable_layers(original), weights.prunable_layers(runs[0])):
         kept = after.weight != 0
         torch.testing.assert_close(after.weight[kept], before.weight[kept])
 
     def mask(model):
-        return torch.cat([m.weight.flatten() == 0 for _, m in prune.prunable_layers(model)])
+        return torch.cat([m.weight.flatten() == 0 for _, m in weights.prunable_layers(model)])
 
     assert torch.equal(mask(runs[0]), mask(runs["again"]))
     assert not torch.equal(mask(runs[0]), mask(runs[1]))
     # uniform over layers: each layer ends near the amount (unlike global magnitude, which follows weight scales)
-    for name, m in prune.prunable_layers(runs[1]):
+    for name, m in weights.prunable_layers(runs[1]):
         assert (m.weight == 0).float().mean().item() == pytest.approx(amount, abs=0.15), name
 
 
 def test_random_without_a_context_uses_seed_zero(digits):
     a, b = small_cnn(), small_cnn()
-    prune.random(a, option("random"), None)
-    prune.random(b, option("random"), context(digits, seed=0))
-    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(prune.prunable_layers(a),
-                                                                          prune.prunable_layers(b)))
+    unstructured.random(a, option("random"), None)
+    unstructured.random(b, option("random"), context(digits, seed=0))
+    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(weights.prunable_layers(a),
+                                                                          weights.prunable_layers(b)))
 
 
 @pytest.mark.parametrize("method", ["global_magnitude", "layer_magnitude"])
@@ -123,7 +125,7 @@ def test_ties_are_broken_deterministically_to_the_exact_count(method):
     def pruned():
         model = small_cnn()
         with torch.no_grad():
-            for _, m in prune.prunable_layers(model):
+            for _, m in weights.prunable_layers(model):
                 m.weight.copy_(m.weight.sign() * 0.5)  # every weight ties with every other
         return getattr(prune, method)(model, option(method, "amount=0.3"))
 
@@ -132,9 +134,9 @@ def test_ties_are_broken_deterministically_to_the_exact_count(method):
     if method == "global_magnitude":
         assert zeros == round(0.3 * total)
     else:
-        assert zeros == sum(round(0.3 * m.weight.numel()) for _, m in prune.prunable_layers(first))
-    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(prune.prunable_layers(first),
-                                                                          prune.prunable_layers(second)))
+        assert zeros == sum(round(0.3 * m.weight.numel()) for _, m in weights.prunable_layers(first))
+    assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(weights.prunable_layers(first),
+                                                                          weights.prunable_layers(second)))
 
 
 # --- quantize_then_prune: the stored (int8 / fp16) weights --------------------------------------------------------
@@ -144,11 +146,11 @@ def int8_model(trained, digits, granularity: str = "per_channel") -> nn.Module:
     cfg = compose_cfg("quantization=static_int8", f"quantization.granularity={granularity}",
                       "quantization.calibration_batches=2").quantization
     calibration = list(itertools.islice(DataLoader(digits[0].train, batch_size=64), 2))
-    return quantize.static_int8(trained, cfg, Context({"train": calibration}, calibration[0][0][:1], None))
+    return fx.static_int8(trained, cfg, Context({"train": calibration}, calibration[0][0][:1], None))
 
 
 def qweights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {w.name: w.tensor() for w in prune.stored_weights(model) if w.tensor().is_quantized}
+    return {w.name: w.tensor() for w in weights.stored_weights(model) if w.tensor().is_quantized}
 
 
 def qparams(weight: torch.Tensor) -> tuple:
@@ -163,7 +165,7 @@ def qparams(weight: torch.Tensor) -> tuple:
 @pytest.mark.parametrize("amount", [0.5, 0.9])
 def test_static_int8_pruned_in_the_integer_domain(trained, digits, amount, granularity):
     dense = int8_model(trained, digits, granularity)
-    model = prune.global_magnitude(copy.deepcopy(dense), option("global_magnitude", f"amount={amount}"))
+    model = unstructured.global_magnitude(copy.deepcopy(dense), option("global_magnitude", f"amount={amount}"))
     before, after = qweights(dense), qweights(model)
     assert len(after) == 4 and all(w.dtype == torch.qint8 for w in after.values())
     survivors, pruned = [], []
@@ -199,9 +201,9 @@ def test_static_int8_pruned_in_the_integer_domain(trained, digits, amount, granu
 
 def test_dynamic_int8_prunes_float_convs_and_int8_linears_in_one_ranking(trained, digits):
     cfg = compose_cfg("quantization=dynamic_int8").quantization
-    dense = quantize.dynamic_int8(trained, cfg, None)
-    model = prune.global_magnitude(copy.deepcopy(dense), option("global_magnitude", "amount=0.5"))
-    kinds = {w.name: type(w.module) for w in prune.stored_weights(model)}
+    dense = fx.dynamic_int8(trained, cfg, None)
+    model = unstructured.global_magnitude(copy.deepcopy(dense), option("global_magnitude", "amount=0.5"))
+    kinds = {w.name: type(w.module) for w in weights.stored_weights(model)}
     assert list(kinds.values()).count(nnqd.Linear) == 2 and list(kinds.values()).count(nn.Conv2d) == 2
     total, zeros = zero_count(model)
     assert zeros == round(0.5 * total)
@@ -212,12 +214,12 @@ def test_dynamic_int8_prunes_float_convs_and_int8_linears_in_one_ranking(trained
 
 
 def test_fp16_weights_are_pruned_as_fp16(trained, digits):
-    dense = quantize.fp16(trained, None, None)
-    model = prune.layer_magnitude(copy.deepcopy(dense), option("layer_magnitude", "amount=0.5"))
-    assert isinstance(model, quantize.CastInputs)
-    names = [w.name for w in prune.stored_weights(model)]
-    assert names == [name for name, _ in prune.prunable_layers(trained)]  # named as in the float model
-    for weight in prune.stored_weights(model):
+    dense = cast.fp16(trained, None, None)
+    model = unstructured.layer_magnitude(copy.deepcopy(dense), option("layer_magnitude", "amount=0.5"))
+    assert isinstance(model, weights.CastInputs)
+    names = [w.name for w in weights.stored_weights(model)]
+    assert names == [name for name, _ in weights.prunable_layers(trained)]  # named as in the float model
+    for weight in weights.stored_weights(model):
         assert weight.tensor().dtype == torch.float16
         assert (weight.tensor() == 0).sum().item() == round(0.5 * weight.tensor().numel())
     assert top1(model, digits) >= top1(dense, digits) - 3
@@ -229,7 +231,7 @@ def test_pipeline_quantize_then_prune_keeps_the_int8_format(trained, digits):
     deployed, float_model = pipeline.compress(cfg, copy.deepcopy(trained), context(digits))
     assert len(qweights(deployed)) == 4 and all(w.dtype == torch.qint8 for w in qweights(deployed).values())
     assert measure.parameter_counts(deployed)["sparsity"] >= 0.5
-    assert prune.footprint(float_model)[1] == 0  # the float model is not pruned
+    assert weights.footprint(float_model)[1] == 0  # the float model is not pruned
 
 
 # --- per-layer amounts ------------------------------------------------------------------------------------------
@@ -239,9 +241,9 @@ def test_layer_amounts_from_a_yaml_file(tmp_path, trained, digits):
     path = tmp_path / "amounts.yaml"
     path.write_text("'0': 0.8\n'8': 0.25\n")
     cfg = option("layer_magnitude", "amount=0.5", f"layer_amounts={path}")
-    for model in (copy.deepcopy(trained), quantize.fp16(trained, None, None), int8_model(trained, digits)):
-        prune.layer_magnitude(model, cfg)
-        sparsity = {w.name: (w.magnitude() == 0).float().mean().item() for w in prune.stored_weights(model)}
+    for model in (copy.deepcopy(trained), cast.fp16(trained, None, None), int8_model(trained, digits)):
+        unstructured.layer_magnitude(model, cfg)
+        sparsity = {w.name: (w.magnitude() == 0).float().mean().item() for w in weights.stored_weights(model)}
         expected = {"0": 0.8, "4": 0.5, "8": 0.25, "10": 0.5}
         assert sparsity == pytest.approx(expected, abs=0.005), type(model).__name__
 
@@ -250,9 +252,9 @@ def test_unknown_layer_in_layer_amounts_is_a_clear_error(tmp_path):
     path = tmp_path / "amounts.yaml"
     path.write_text("conv9: 0.5\n")
     with pytest.raises(ValueError, match=r"pruning\.layer_amounts=.*no prunable layer named conv9"):
-        prune.layer_magnitude(small_cnn(), option("layer_magnitude", f"layer_amounts={path}"))
+        unstructured.layer_magnitude(small_cnn(), option("layer_magnitude", f"layer_amounts={path}"))
     with pytest.raises(ValueError, match=r"pruning\.layer_amounts=.*layer_magnitude"):
-        prune.global_magnitude(small_cnn(), option("global_magnitude", f"layer_amounts={path}"))
+        unstructured.global_magnitude(small_cnn(), option("global_magnitude", f"layer_amounts={path}"))
 
 
 # --- iterative --------------------------------------------------------------------------------------------------
@@ -280,13 +282,13 @@ def recording_context(digits, model: nn.Module) -> RecordingContext:
 
 
 def test_round_targets_follow_the_schedules():
-    geometric = prune.round_targets(0.9, 3, "geometric")
+    geometric = iterative.round_targets(0.9, 3, "geometric")
     kept = [1.0] + [1 - s for s in geometric]
     # Han et al.: every round keeps the same fraction of what was left, and the last reaches the target
     assert [kept[t + 1] / kept[t] for t in range(3)] == pytest.approx([0.1 ** (1 / 3)] * 3)
     assert geometric[-1] == pytest.approx(0.9)
     # Zhu & Gupta: s_t = 0.9 (1 - (1 - t/3)^3) = 0.9 * (19/27, 26/27, 1)
-    assert prune.round_targets(0.9, 3, "gradual") == pytest.approx([0.9 * 19 / 27, 0.9 * 26 / 27, 0.9])
+    assert iterative.round_targets(0.9, 3, "gradual") == pytest.approx([0.9 * 19 / 27, 0.9 * 26 / 27, 0.9])
 
 
 @pytest.mark.parametrize("schedule", ["geometric", "gradual"])
@@ -294,14 +296,14 @@ def test_iterative_reaches_the_target_through_the_scheduled_rounds(digits, sched
     model = small_cnn()
     ctx = recording_context(digits, model)
     cfg = option("iterative", "amount=0.9", "rounds=3", f"schedule={schedule}", "scope=global")
-    prune.iterative(model, cfg, ctx)
+    iterative.iterative(model, cfg, ctx)
     assert len(ctx.seen) == 2  # between rounds only: the pipeline fine-tunes after the last
 
     def zeros(state):
-        return sum(int((state[f"{name}.weight"] == 0).sum()) for name, _ in prune.prunable_layers(model))
+        return sum(int((state[f"{name}.weight"] == 0).sum()) for name, _ in weights.prunable_layers(model))
 
     total = zero_count(model)[0]
-    targets = prune.round_targets(0.9, 3, schedule)
+    targets = iterative.round_targets(0.9, 3, schedule)
     assert [zeros(state) for state in ctx.seen] == [round(s * total) for s in targets[:2]]
     assert zero_count(model)[1] == round(0.9 * total)
 
@@ -309,9 +311,9 @@ def test_iterative_reaches_the_target_through_the_scheduled_rounds(digits, sched
 def test_iterative_scope_layer_prunes_each_layer_on_schedule(digits):
     model = small_cnn()
     ctx = recording_context(digits, model)
-    prune.iterative(model, option("iterative", "amount=0.8", "rounds=2", "schedule=gradual", "scope=layer"), ctx)
-    first = prune.round_targets(0.8, 2, "gradual")[0]
-    for name, layer in prune.prunable_layers(model):
+    iterative.iterative(model, option("iterative", "amount=0.8", "rounds=2", "schedule=gradual", "scope=layer"), ctx)
+    first = iterative.round_targets(0.8, 2, "gradual")[0]
+    for name, layer in weights.prunable_layers(model):
         n = layer.weight.numel()
         assert int((ctx.seen[0][f"{name}.weight"] == 0).sum()) == round(first * n), name
         assert int((layer.weight == 0).sum()) == round(0.8 * n), name
@@ -321,7 +323,7 @@ def test_iterative_reinit_rewinds_survivors_to_their_initial_values(digits):
     model = wide_convnet()
     initial = copy.deepcopy(model.state_dict())
     ctx = recording_context(digits, model)
-    prune.iterative(model, option("iterative", "amount=0.75", "rounds=3", "rewind=reinit"), ctx)
+    iterative.iterative(model, option("iterative", "amount=0.75", "rounds=3", "rewind=reinit"), ctx)
     assert len(ctx.seen) == 2
     for state in ctx.seen + [model.state_dict()]:
         for key, value in initial.items():
@@ -338,7 +340,7 @@ def test_iterative_reinit_rewinds_survivors_to_their_initial_values(digits):
     assert zero_count(model)[1] == round(0.75 * zero_count(model)[0])
 
     plain = wide_convnet()
-    prune.iterative(plain, option("iterative", "amount=0.75", "rounds=3", "rewind=finetune"),
+    iterative.iterative(plain, option("iterative", "amount=0.75", "rounds=3", "rewind=finetune"),
                     recording_context(digits, plain))
     kept = plain[8].weight != 0
     assert not torch.equal(plain[8].weight[kept], initial["8.weight"][kept])
@@ -346,9 +348,9 @@ def test_iterative_reinit_rewinds_survivors_to_their_initial_values(digits):
 
 def test_iterative_needs_a_context_between_rounds():
     with pytest.raises(ValueError, match=r"pruning\.rounds=3"):
-        prune.iterative(small_cnn(), option("iterative"), None)
+        iterative.iterative(small_cnn(), option("iterative"), None)
     with pytest.raises(ValueError, match=r"pruning\.rewind=reinit"):
-        prune.iterative(small_cnn(), option("iterative", "rounds=1", "rewind=reinit"), None)
+        iterative.iterative(small_cnn(), option("iterative", "rounds=1", "rewind=reinit"), None)
 
 
 def test_quantize_then_prune_refuses_iterative():
@@ -386,10 +388,10 @@ def top1_batch1(model: nn.Module, digits) -> float:
 
 
 def test_pt2e_int8_graph_is_pruned_in_the_integer_domain(pt2e_model, digits):
-    dense = prune.stored_weights(pt2e_model)
+    dense = weights.stored_weights(pt2e_model)
     assert [w.name for w in dense] == ["0", "4", "8", "10"]  # named after the float layers
-    model = prune.global_magnitude(copy.deepcopy(pt2e_model), option("global_magnitude", "amount=0.5"))
-    weights = prune.stored_weights(model)
+    model = unstructured.global_magnitude(copy.deepcopy(pt2e_model), option("global_magnitude", "amount=0.5"))
+    weights = weights.stored_weights(model)
     for before, after in zip(dense, weights):
         assert after.ints.dtype == torch.int8 and after.axis == before.axis == 0
         assert torch.equal(after.scale, before.scale) and torch.equal(after.zero_point, before.zero_point)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models
-from pqsweep.pt2e import Int8Pt2e, static_int8_pt2e
+from pqsweep import measure, models, weights
+from pqsweep.quantization import fx
+from pqsweep.quantization.pt2e import Int8Pt2e, static_int8_pt2e
 from pqsweep.train import Context
 
 from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet

@@ -12,18 +12,20 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import qat as niqat
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, prune, quantize
+from pqsweep import measure, models, weights
+from pqsweep.pruning import unstructured
+from pqsweep.quantization import cast, fx, mixed, qat
 from pqsweep.train import Context
 
 from nets import calibration_context, compose_cfg, outputs, train_briefly, wide_convnet
 
 
 QUANTIZERS = {
-    "none": quantize.fp32,
-    "bf16": quantize.bf16,
-    "static_int8": quantize.static_int8,
-    "qat_int8": quantize.qat_int8,
-    "mixed": quantize.mixed,
+    "none": cast.fp32,
+    "bf16": cast.bf16,
+    "static_int8": fx.static_int8,
+    "qat_int8": qat.qat_int8,
+    "mixed": mixed.mixed,
 }
 
 
@@ -104,19 +106,19 @@ def test_qat_trains_the_fused_modules(trained, ctx):
 
 @pytest.mark.filterwarnings("ignore:.*reduce_range will be deprecated")
 def test_pruning_masks_reach_the_fused_qat_modules(trained):
-    # ctx.finetune holds zeros of prune.prunable_layers at zero; after prepare_qat_fx those are the fused QAT modules
+    # ctx.finetune holds zeros of weights.prunable_layers at zero; after prepare_qat_fx those are the fused QAT modules
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     prepared = prepare_qat_fx(copy.deepcopy(trained).train(), get_default_qat_qconfig_mapping("x86"),
                               example_inputs=(torch.randn(1, 1, 8, 8),))
-    kinds = [type(m) for _, m in prune.prunable_layers(prepared)]
+    kinds = [type(m) for _, m in weights.prunable_layers(prepared)]
     assert niqat.ConvBn2d in kinds or niqat.ConvBnReLU2d in kinds
     assert len(kinds) == 4
 
 
 def test_pruned_model_stays_pruned_through_qat(trained, ctx, test_loader):
-    model = prune.global_magnitude(copy.deepcopy(trained), OmegaConf.create({"amount": 0.9}))
+    model = unstructured.global_magnitude(copy.deepcopy(trained), OmegaConf.create({"amount": 0.9}))
     deployed = quantized("qat_int8", model, ctx)
     weights = stored_weights(deployed)
     assert all(w.dtype == torch.qint8 for w in weights.values())
@@ -143,7 +145,7 @@ def test_mixed_by_module_name(trained, ctx, test_loader):
     # the Dict[str, str] schema refuses, so such names come from a YAML file (quoted) or, as here, from code
     cfg = compose_cfg("quantization=mixed").quantization
     cfg.layers = {"head": "int8", "8": "fp32"}
-    model = quantize.mixed(trained, cfg, ctx)
+    model = mixed.mixed(trained, cfg, ctx)
     dtypes = {name: w.dtype for name, w in stored_weights(model).items()}
     # Linear 8 and its ReLU fuse into a float LinearReLU (a Sequential: the Linear is "8.0"); the head is int8
     assert dtypes == {"0": torch.qint8, "4": torch.qint8, "8.0": torch.float32, "10": torch.qint8}
@@ -160,7 +162,7 @@ def test_mixed_bad_layer_is_a_clear_error(trained, ctx, layers, message):
     cfg = OmegaConf.create({"engine": "x86", "granularity": "per_channel", "calibration_batches": 1,
                             "layers": layers})
     with pytest.raises(ValueError, match=message) as error:
-        quantize.mixed(trained, cfg, ctx)
+        mixed.mixed(trained, cfg, ctx)
     assert "\n" not in str(error.value)
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from pqsweep import measure, pipeline
 from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.config import ConfigError, validate
-from pqsweep.prune import prunable_layers
+from pqsweep.weights import prunable_layers
 from pqsweep.sensitivity import Curves, choose, run_and_log, scan, write_amounts
 from pqsweep.tracking import resolve_uri
 from pqsweep.train import Context

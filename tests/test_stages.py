@@ -14,7 +14,9 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader, TensorDataset
 
-from pqsweep import measure, models, pipeline, prune, quantize
+from pqsweep import measure, models, pipeline, weights
+from pqsweep.pruning import unstructured
+from pqsweep.quantization import cast, fx
 from pqsweep.cache import BaselineCache, baseline_key
 
 from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet
@@ -22,7 +24,7 @@ from nets import calibration_context, compose_cfg, outputs, small_cnn, train_bri
 
 # --- pruning ---------------------------------------------------------------------------------------------------
 
-PRUNERS = {"global_magnitude": prune.global_magnitude, "layer_magnitude": prune.layer_magnitude}
+PRUNERS = {"global_magnitude": unstructured.global_magnitude, "layer_magnitude": unstructured.layer_magnitude}
 AMOUNTS = [0.5, 0.9, 0.99]
 
 
@@ -35,7 +37,7 @@ def pruned_small_cnn(method: str, amount: float) -> tuple[nn.Module, nn.Module]:
 
 
 def layer_sparsities(model: nn.Module) -> dict[str, float]:
-    return {name: (m.weight == 0).float().mean().item() for name, m in prune.prunable_layers(model)}
+    return {name: (m.weight == 0).float().mean().item() for name, m in weights.prunable_layers(model)}
 
 
 @pytest.mark.parametrize("amount", AMOUNTS)
@@ -57,7 +59,7 @@ def test_layer_magnitude_prunes_every_layer_by_the_amount(amount):
 def test_global_magnitude_ranks_over_all_layers(amount):
     original, model = pruned_small_cnn("global_magnitude", amount)
     survivors, pruned = [], []
-    for (_, before), (_, after) in zip(prune.prunable_layers(original), prune.prunable_layers(model)):
+    for (_, before), (_, after) in zip(weights.prunable_layers(original), weights.prunable_layers(model)):
         kept = after.weight != 0
         torch.testing.assert_close(after.weight[kept], before.weight[kept])  # survivors are untouched
         survivors.append(before.weight[kept].abs())
@@ -87,23 +89,23 @@ def test_masks_are_folded_and_survive_save_and_load(method):
 @pytest.mark.parametrize("method", PRUNERS)
 def test_amount_zero_keeps_every_weight(method):
     original, model = pruned_small_cnn(method, 0.0)
-    for (_, before), (_, after) in zip(prune.prunable_layers(original), prune.prunable_layers(model)):
+    for (_, before), (_, after) in zip(weights.prunable_layers(original), weights.prunable_layers(model)):
         assert torch.equal(before.weight, after.weight)
 
 
 def test_masks_keep_pruned_weights_at_zero_after_an_optimizer_step():
     _, model = pruned_small_cnn("global_magnitude", 0.9)
-    masks = prune.zero_masks(model)
+    masks = weights.zero_masks(model)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = nn.functional.cross_entropy(model(torch.randn(16, 1, 28, 28)), torch.randint(0, 10, (16,)))
     loss.backward()
     optimizer.step()
     # the step itself revives pruned weights (their gradients are not zero) ...
-    assert any((m.weight[masks[name]] != 0).any() for name, m in prune.prunable_layers(model))
-    prune.apply_masks(model, masks)
+    assert any((m.weight[masks[name]] != 0).any() for name, m in weights.prunable_layers(model))
+    weights.apply_masks(model, masks)
     # ... and re-applying the masks puts them back to zero while the survivors keep their update
-    for name, m in prune.prunable_layers(model):
+    for name, m in weights.prunable_layers(model):
         assert (m.weight[masks[name]] == 0).all(), name
     assert measure.parameter_counts(model)["sparsity"] == pytest.approx(0.9, abs=0.01)
 
@@ -111,10 +113,10 @@ def test_masks_keep_pruned_weights_at_zero_after_an_optimizer_step():
 # --- quantization ----------------------------------------------------------------------------------------------
 
 QUANTIZERS = {
-    "none": quantize.fp32,
-    "fp16": quantize.fp16,
-    "dynamic_int8": quantize.dynamic_int8,
-    "static_int8": quantize.static_int8,
+    "none": cast.fp32,
+    "fp16": cast.fp16,
+    "dynamic_int8": fx.dynamic_int8,
+    "static_int8": fx.static_int8,
 }
 
 
@@ -238,7 +240,7 @@ def test_sparsity_survives_int8_quantization(calibration):
     # survivors may round to 0 as well
     torch.manual_seed(0)
     model = wide_convnet().eval()
-    prune.global_magnitude(model, OmegaConf.create({"amount": 0.9}))
+    unstructured.global_magnitude(model, OmegaConf.create({"amount": 0.9}))
     sparsity = measure.parameter_counts(quantized("static_int8", model, calibration))["sparsity"]
     assert 0.9 - 1e-4 <= sparsity < 0.95  # 0.9 of the weights, rounded to whole weights
 
@@ -288,7 +290,7 @@ def test_macs_of_resnet18_cifar():
 def test_gzip_size_rewards_zeros():
     dense = small_cnn()
     sparse = small_cnn()
-    prune.global_magnitude(sparse, OmegaConf.create({"amount": 0.9}))
+    unstructured.global_magnitude(sparse, OmegaConf.create({"amount": 0.9}))
     dense_sizes, sparse_sizes = measure.sizes(dense), measure.sizes(sparse)
     # zeros are stored densely: the raw file keeps its size (up to the zip container's alignment padding)
     assert sparse_sizes["size_mb"] == pytest.approx(dense_sizes["size_mb"], rel=0.01)

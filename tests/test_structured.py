@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pqsweep import measure, prune, structured
+from pqsweep import measure, weights
+from pqsweep.pruning import structured
 from pqsweep.config import register
 from pqsweep.train import Context
 
@@ -171,7 +172,7 @@ class RecordingContext(Context):
     """Records the model's (parameters, zero weights) whenever it is fine-tuned, in `seen`."""
 
     def finetune(self, model, epochs=None, lr=None, desc="finetune"):
-        self.seen.append((n_params(model), prune.footprint(model)[1]))
+        self.seen.append((n_params(model), weights.footprint(model)[1]))
         return super().finetune(model, epochs, lr, desc)
 
 
@@ -186,7 +187,7 @@ def test_structured_unstructured_prunes_filters_then_fine_tunes_then_weights(str
     ctx.seen = []
     model = structured.structured_unstructured(model, cfg.pruning, ctx)
 
-    total, zeros = prune.footprint(model)
+    total, zeros = weights.footprint(model)
     assert zeros == int(round(0.75 * total))  # the asked sparsity, of the weights that survived the first stage
     if structured_amount:
         # Fine-tuned once between the stages: filters already gone, no weight zeroed yet.

@@ -6,6 +6,8 @@
     pqsweep pruning=iterative pruning.schedule=gradual quantization=qat_int8
     pqsweep -m pruning.amount=0,0.5,0.9 quantization=none,fp16,static_int8     # Hydra's basic grid
     pqsweep -m sweep=mnist_cnn_sparsity_x_precision                         # a study from sweeps/ (Optuna)
+
+Composition, the pre-run check, `--help` and `--cfg` import no torch or mlflow: those load when a run starts.
 """
 
 from __future__ import annotations
@@ -13,24 +15,17 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import tempfile
-from pathlib import Path
 
 import hydra
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import execution_whitelist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pqsweep import tracking
-from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.config import TRUSTED_TARGETS, register
-from pqsweep.pipeline import run
-from pqsweep.preflight import preflight
+from pqsweep.preflight import CONFIG_MODULE, preflight
 
 log = logging.getLogger("pqsweep")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 register()
 
 
@@ -40,34 +35,13 @@ def _multirun() -> bool:
 
 def run_and_log(cfg: DictConfig) -> dict[str, float]:
     """One run as an MLflow run (a child of the sweep's parent run in a multirun)."""
-    tracking.setup(cfg)
-    key = baseline_key(cfg)
-    tags = {"stage": "trial", "sweep": cfg.study.name, "baseline_hash": key}
-    if _multirun():
-        tags["trial_number"] = str(HydraConfig.get().job.num)
-    name = f"{cfg.model.name}-{cfg.pruning.name}{cfg.pruning.amount:g}-{cfg.quantization.name}"
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    with tracking.task_run(name, tags) as active:
-        run_id = active.info.run_id
-        tracking.log_batch(mlflow.MlflowClient(), run_id, params=tracking.flat_params(cfg))
-        mlflow.log_text(config_yaml, "config.yaml")
-        with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
-            result = run(cfg, artifact_dir=exported)
-            if any(Path(exported).iterdir()):
-                mlflow.log_artifacts(exported, "model")
-        mlflow.set_tag("baseline_cached", str(result.baseline.cached).lower())
-        mlflow.log_metrics(result.metrics)
-    with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
-        tracking.log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)
-    m = result.metrics
-    log.info(
-        "run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
-        run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"],
-    )
-    return result.metrics
+    from pqsweep.tracking import log_trial
+
+    trial = str(HydraConfig.get().job.num) if _multirun() else None
+    return log_trial(cfg, trial_number=trial)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config")
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     objectives = list(cfg.study.objectives)
     try:
@@ -83,7 +57,7 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
 
 def main() -> None:
-    preflight(sys.argv[1:], CONF_DIR)
+    preflight(sys.argv[1:])
     with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
         app()
 

@@ -1,10 +1,10 @@
 """Writes the deployable model as ONNX or TorchScript, reloads it in its own runtime and checks its outputs.
 
-`export(model, example, fmt, directory)` writes `directory/model.onnx` (run by onnxruntime) or `directory/model.pt`
+`export(model, example, fmt, directory, quantization)` writes `directory/model.onnx` (run by onnxruntime) or `directory/model.pt`
 (run by torch.jit.load), feeds the reloaded file the example and, when the file takes any batch size, a batch of
 four, and returns {"export_max_abs_diff": max |reloaded - eager|}. It raises ExportError (one line, naming
 `export=` and `quantization=` and what to use instead) when a model kind cannot be exported or reloaded, or when
-its outputs differ by more than its precision's tolerance.
+its outputs differ by more than the quantization option's `export_tolerance`.
 
 What exports (torch 2.14, onnx 1.23, onnxruntime 1.31; each cell measured on small_cnn / resnet18_cifar):
 - fp32 (pruned or structurally smaller alike), fp16, fake_quant, static_int8 backend=pt2e: onnx (torch.export-based
@@ -29,7 +29,6 @@ import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,79 +37,36 @@ from torch import nn
 
 FORMATS = ("onnx", "torchscript")
 
-# Allowed max |reloaded - eager| / max(1, max |eager logit|): a share of the logit scale, floored at 1 so that the
-# near-zero logits of an untrained net do not demand a tighter absolute match than a trained one.
-TOLERANCE = {
-    "fp32": 1e-4,  # float32 runtimes differ only in summation order: ~1e-7 relative per op, 1e-6 over a deep net
-    "fp16": 1e-2,  # fp16 keeps 11 significant bits (eps 1e-3); runtimes differ in where they round and accumulate
-    "bf16": 5e-2,  # bf16 keeps 8 bits (eps 8e-3)
-    # int8: runtimes may round a requantized activation to the neighbouring step (1/255 of its range) in any layer,
-    # and fake-quant rounding flips by a step where float noise crosses a half-step: a few % of the logit scale
-    # (measured: 2.5 % for ResNet-18's int8 ONNX in onnxruntime); a wrong scale or a missing layer moves it by ~100 %.
-    "int8": 1e-1,
-}
-
 
 class ExportError(RuntimeError):
     """A model that cannot be exported in the format asked for, or whose file does not reproduce its outputs."""
 
 
-@dataclass(frozen=True)
-class Kind:
-    """What the exporter needs to know about a deployed model, and what to tell the user when it fails."""
+def export(model: nn.Module, example: torch.Tensor, fmt: str, directory: str | Path, quantization) -> dict[str, float]:
+    """Write `model` in `fmt` to `directory`, reload it, check it against the eager model; see the module doc.
 
-    name: str  # the quantization option(s) that make such a model
-    precision: str  # a TOLERANCE key
-    instead: dict[str, str]  # format -> what to use when that format fails
-
-
-def kind_of(model: nn.Module) -> Kind:
-    """The quantization that made `model`, read from its modules (export sees only the deployed model)."""
-    from pqsweep.pt2e import Int8Pt2e
-    from pqsweep.quantize import CastInputs
-
-    modules = list(model.modules())
-    ao = [type(m).__module__ for m in modules if type(m).__module__.startswith("torch.ao.nn.")]
-    if any(".quantized.dynamic" in name for name in ao):
-        return Kind("dynamic_int8", "int8", {"onnx": "use export=torchscript, or quantization=static_int8 with "
-                                                     "quantization.backend=pt2e for an int8 ONNX file"})
-    if any(".quantized" in name for name in ao):
-        return Kind("static_int8 (backend=fx; qat_int8 and mixed alike)", "int8",
-                    {"onnx": "use export=torchscript, or quantization.backend=pt2e for an int8 ONNX file"})
-    if any(isinstance(m, Int8Pt2e) for m in modules):
-        return Kind("static_int8 (backend=pt2e)", "int8", {"onnx": "use export=torchscript",
-                                                           "torchscript": "use export=onnx"})
-    if any(isinstance(getattr(m, "weight_bits", None), int) for m in modules):
-        return Kind("fake_quant", "int8", {"onnx": "use export=torchscript", "torchscript": "use export=onnx"})
-    if isinstance(model, CastInputs) and model.dtype in (torch.float16, torch.bfloat16):
-        name = "fp16" if model.dtype == torch.float16 else "bf16"
-        onnx = "use export=torchscript" + (", or quantization=fp16" if name == "bf16" else "")
-        return Kind(name, name, {"onnx": onnx, "torchscript": "use export=onnx"})
-    return Kind("none", "fp32", {"onnx": "use export=torchscript", "torchscript": "use export=onnx"})
-
-
-def export(model: nn.Module, example: torch.Tensor, fmt: str, directory: str | Path) -> dict[str, float]:
-    """Write `model` in `fmt` to `directory`, reload it, check it against the eager model; see the module doc."""
+    `quantization` is the run's quantization config: its `name` for messages, and its `export_tolerance`, the
+    largest max |reloaded - eager| / max(1, max |eager logit|) its precision allows (a share of the logit scale,
+    floored at 1 so that the near-zero logits of an untrained net do not demand a tighter match than a trained one).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"export={fmt} is not allowed: must be one of none, {', '.join(FORMATS)}")
-    kind = kind_of(model)
+    other = next(f for f in FORMATS if f != fmt)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     example = example.detach().cpu().float()
     try:
         with torch.no_grad(), _quiet():
-            reloaded = _WRITERS[fmt](model, example, directory, kind)
+            reloaded = _WRITERS[fmt](model, example, directory)
             diff, scale = _compare(model, reloaded, example)
-    except ExportError:
-        raise
     except Exception as error:
-        raise ExportError(f"export={fmt} failed for quantization={kind.name}: {_reason(error)}; "
-                          f"{kind.instead.get(fmt, 'use export=none')}") from error
-    tolerance = TOLERANCE[kind.precision]
+        raise ExportError(f"export={fmt} failed for quantization={quantization.name}: {_reason(error)}; "
+                          f"use export={other}") from error
+    tolerance = float(quantization.export_tolerance)
     if diff > tolerance * scale:
-        raise ExportError(f"export={fmt}, quantization={kind.name}: the reloaded file's logits differ from the eager "
-                          f"model's by {diff:.3g}, more than the {kind.precision} tolerance {tolerance:g} x logit "
-                          f"scale {scale:.3g}; {kind.instead.get(fmt, 'use export=none')}")
+        raise ExportError(f"export={fmt}, quantization={quantization.name}: the reloaded file's logits differ from the "
+                          f"eager model's by {diff:.3g}, more than its export_tolerance {tolerance:g} x logit scale "
+                          f"{scale:.3g}; use export={other}")
     return {"export_max_abs_diff": diff}
 
 
@@ -132,23 +88,24 @@ def _compare(model: nn.Module, reloaded: Runner, example: torch.Tensor) -> tuple
     return diff, scale
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, directory: Path, kind: Kind) -> Runner:
+def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
     import onnx
     import onnxruntime
 
     path = directory / "model.onnx"
     # One self-contained file (the exporter would put the weights in model.onnx.data); every model here is < 2 GB.
     names = {"input_names": ["input"], "output_names": ["logits"], "external_data": False, "verbose": False}
-    if kind.name.startswith("static_int8 (backend=fx") or kind.name == "dynamic_int8":
-        # torch.export cannot trace torch.ao's packed-weight ScriptObjects; the legacy exporter has int8 rules.
-        with _stdout_to_devnull():  # it prints the whole TorchScript graph when it fails (torch 2.14 leaves its log on)
-            torch.onnx.export(model, (example,), path, dynamo=False, dynamic_axes={"input": {0: "batch"}}, **names)
-    else:
-        graph = _writable(model)
+    graph = _writable(model)
+    try:
         try:
             torch.onnx.export(graph, (example,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
         except Exception:  # a graph exported for one batch size (a plain PT2E graph) keeps it
             torch.onnx.export(graph, (example,), path, **names)
+    except Exception:
+        # torch.export cannot trace torch.ao's packed-weight ScriptObjects (FX and dynamic int8); the legacy
+        # TorchScript-based exporter has int8 rules for them. Its failure (if any) is the one reported.
+        with _stdout_to_devnull():  # it prints the whole TorchScript graph when it fails
+            torch.onnx.export(graph, (example,), path, dynamo=False, dynamic_axes={"input": {0: "batch"}}, **names)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     dynamic = bool(onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param)
 
@@ -160,7 +117,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, directory: Path, kind: Kind) 
     return run
 
 
-def _torchscript(model: nn.Module, example: torch.Tensor, directory: Path, kind: Kind) -> Runner:
+def _torchscript(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
     path = directory / "model.pt"
     torch.jit.save(torch.jit.trace(_writable(model), example), str(path))
     loaded = torch.jit.load(str(path))
@@ -181,12 +138,10 @@ _WRITERS = {"onnx": _onnx, "torchscript": _torchscript}
 
 
 def _writable(model: nn.Module) -> nn.Module:
-    """Int8Pt2e runs a oneDNN-lowered graph whose packed weights are opaque; its int8 reference graph is the model,
+    """A model that runs something other than what it stores offers `exportable()`: Int8Pt2e runs a oneDNN-lowered graph whose packed weights are opaque; its int8 reference graph is the model,
     in the form it is lowered from (literal activation scales: the ONNX rule for quantize_per_tensor takes no
     tensor scale; per-tensor weights written per channel). pt2e owns that form; we only write it out."""
-    from pqsweep import pt2e
-
-    if not isinstance(model, pt2e.Int8Pt2e):
+    if not callable(getattr(model, "exportable", None)):
         return model
     graph = model.exportable()  # a copy
     # An exported graph refuses .eval() (its ops do not switch with the mode; BatchNorm is folded in) and so stays

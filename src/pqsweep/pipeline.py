@@ -21,7 +21,7 @@ from pqsweep import measure
 from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.config import Export, Order, validate
 from pqsweep.data import DataSplits
-from pqsweep.prune import footprint
+from pqsweep.weights import footprint
 from pqsweep.train import Context, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
 
         if artifact_dir is None:
             raise ValueError(f"export={cfg.export.value}: run(cfg, artifact_dir=...) needs a directory to write to")
-        metrics.update(export(deployed, example, cfg.export.value, Path(artifact_dir)))
+        metrics.update(export(deployed, example, cfg.export.value, Path(artifact_dir), cfg.quantization))
 
     metrics["top1_delta"] = metrics["top1"] - baseline_metrics["top1"]
     metrics["reduction_factor"] = baseline_metrics["size_mb"] / metrics["size_mb"]

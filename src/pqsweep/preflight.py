@@ -1,36 +1,48 @@
 """Check the command line before Hydra runs anything: every value a run or sweep will use must compose and validate.
 
-A bad value exits 1 with one line naming the key and the allowed values, before any data is loaded or any
-trial starts, so a typo in the ninth grid point does not surface after eight trials have trained.
+A bad value exits 1 with one line naming the key and the allowed values, before any data is loaded or any trial
+starts, so a typo in the ninth grid point does not surface after eight trials have trained. It composes with the
+same search path the app will use (the packaged configs, `--config-dir`, `hydra.searchpath`), so a user's own
+options are checked like the built-in ones. Nothing here imports torch or mlflow.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-from hydra import compose, initialize_config_dir
-from hydra._internal.utils import get_args_parser
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pqsweep.config import ConfigError, validate
-from pqsweep.sweeper import command_line_keys
+
+CONFIG_MODULE = "pqsweep.conf"  # the packaged configs: conf/ (and sweeps/ as its `sweep` group)
+
+
+def command_line_keys(arguments: list[str], config_loader=None) -> set[str]:
+    """Keys the command line sets, fixed or swept: each replaces the sweep file's grid entry of the same key."""
+    parser = OverridesParser.create(config_loader=config_loader)
+    return {override.get_key_element() for override in parser.parse_overrides(arguments)}
 
 
 def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     """Split overrides into fixed ones and, per discrete sweep, its single-value alternatives.
 
     Continuous sweeps (interval) are left to the sweeper, which samples inside their bounds. Call it inside an
-    initialized Hydra context: glob sweeps over a group (`model=glob(resnet*)`) need the config loader.
+    initialized Hydra context: glob sweeps over a group (`model=glob(resnet*)`) need the config loader. Of the
+    `hydra.*` overrides only the search path shapes what composes, so only it is kept.
     """
     fixed, sweeps = [], []
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     for override in parser.parse_overrides(overrides):
-        if override.is_hydra_override():
+        if override.is_hydra_override() and override.get_key_element() != "hydra.searchpath":
             continue
         if not override.is_sweep_override():
             fixed.append(override.input_line)
@@ -56,27 +68,42 @@ def one_line(override: str, error: Exception) -> str:
     return f"{override}: {str(error).splitlines()[0]}"
 
 
-def check_directions(cfg) -> None:
-    """An Optuna sweep needs one direction per objective, or every trial's result is refused."""
-    direction = OmegaConf.select(cfg, "hydra.sweeper.direction")
-    if direction is None:
-        return  # not an Optuna sweep
-    count = len(direction) if OmegaConf.is_list(direction) else 1
-    if count != len(cfg.study.objectives):
-        raise ConfigError(
-            f"hydra.sweeper.direction has {count} direction(s) for {len(cfg.study.objectives)} "
-            f"study.objectives {list(cfg.study.objectives)}: give one direction per objective"
-        )
+@contextmanager
+def hydra_context(config_dir: str | None = None, config_module: str = CONFIG_MODULE) -> Iterator[Hydra]:
+    """Hydra initialised as `@hydra.main` initialises it: the packaged configs, `--config-dir` in front."""
+    search_path = create_automatic_config_search_path(None, None, f"pkg://{config_module}")
+    if config_dir is not None:
+        search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}")
+    GlobalHydra.instance().clear()
+    try:
+        yield Hydra.create_main_hydra2(task_name="pqsweep", config_search_path=search_path)
+    finally:
+        GlobalHydra.instance().clear()
 
 
-def check(overrides: list[str], config_dir: Path) -> str | None:
-    """Returns the one-line error of the first bad value, or None when every value composes and validates."""
-    with initialize_config_dir(config_dir=str(config_dir)):
+def compose(hydra: Hydra, config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra.types import RunMode
+
+    return hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+
+
+def check(overrides: list[str], config_name: str = "config", config_dir: str | None = None,
+          require: Callable[[DictConfig], None] | None = None) -> str | None:
+    """Returns the one-line error of the first bad value, or None when every value composes and validates.
+
+    `require` adds an app's own rule (the sensitivity scan's) to `validate`.
+    """
+
+    def checked(cfg: DictConfig) -> None:
+        validate(cfg)
+        if require is not None:
+            require(cfg)
+
+    with hydra_context(config_dir) as hydra:
         try:
             fixed, sweeps = expand(overrides)
-            cfg = compose("config", overrides=fixed, return_hydra_config=True)
-            validate(cfg)
-            check_directions(cfg)
+            cfg = compose(hydra, config_name, fixed)
+            checked(cfg)
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
             return one_line(" ".join(overrides), error)
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
@@ -87,17 +114,18 @@ def check(overrides: list[str], config_dir: Path) -> str | None:
         for alternatives in sweeps:
             for override in alternatives:
                 try:
-                    validate(compose("config", overrides=fixed + [override]))
+                    checked(compose(hydra, config_name, fixed + [override]))
                 except Exception as error:  # noqa: BLE001
                     return one_line(override, error)
     return None
 
 
-def preflight(argv: list[str], config_dir: Path, prog: str = "pqsweep") -> None:
+def preflight(argv: list[str], prog: str = "pqsweep", config_name: str = "config",
+              require: Callable[[DictConfig], None] | None = None) -> None:
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_dir or args.config_name:
-        return  # Hydra answers these itself; a different primary config is the user's to check
-    problem = check(args.overrides, config_dir)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return  # Hydra answers these itself
+    problem = check(args.overrides, args.config_name or config_name, args.config_dir, require)
     if problem:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -1,28 +1,40 @@
-"""hydra-optuna-sweeper, with one fix: a value fixed on the command line removes that key from the sweep file's grid.
+"""hydra-optuna-sweeper, with what a compression study needs on top of it.
 
-The plugin builds the GridSampler's grid from the file's `params` *before* it drops parameters the command line
-fixes, so `pqsweep -m sweep=<grid> quantization=static_int8` would run every other grid point once per (ignored)
-quantization value. Sweep files name this class as `hydra.sweeper._target_`.
+- A value fixed on the command line removes that key from the sweep file's grid. The plugin builds the
+  GridSampler's grid from the file's `params` *before* it drops parameters the command line fixes, so
+  `pqsweep -m sweep=<grid> quantization=static_int8` would run every other grid point once per (ignored)
+  quantization value.
+- A grid's size comes from its grid: `n_trials` is ignored for the grid sampler, so widening a grid never
+  silently drops points.
+- Optuna's directions come from the objectives (`study.objectives`; each metric knows whether higher is better,
+  `pqsweep.config.METRICS`), so a sweep file does not repeat them.
+Sweep files choose it with `override /hydra/sweeper: pqsweep` (conf/hydra/sweeper/pqsweep.yaml).
 """
 
 from __future__ import annotations
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
+import functools
+import logging
+
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _PluginSweeper
 
+from pqsweep.config import directions
+from pqsweep.preflight import command_line_keys
 
-def command_line_keys(arguments: list[str], config_loader=None) -> set[str]:
-    """Keys the command line sets, fixed or swept: each replaces the sweep file's grid entry of the same key.
+log = logging.getLogger(__name__)
 
-    (For a swept key the plugin already lets the command line win; for a fixed one it does not, hence this.)
-    """
-    parser = OverridesParser.create(config_loader=config_loader)
-    return {override.get_key_element() for override in parser.parse_overrides(arguments)}
+
+def is_grid(sampler) -> bool:
+    return isinstance(sampler, functools.partial) and sampler.func.__name__ == "GridSampler"
 
 
 class OptunaSweeper(_PluginSweeper):
     def sweep(self, arguments: list[str]) -> None:
-        if self.sweeper.params:
+        impl = self.sweeper
+        if impl.params:
             given = command_line_keys(arguments)
-            self.sweeper.params = {k: v for k, v in self.sweeper.params.items() if k not in given}
+            impl.params = {k: v for k, v in impl.params.items() if k not in given}
+        impl.direction = directions(impl.config.study.objectives)
+        if is_grid(impl.sampler):
+            impl.n_trials = 2**62  # the plugin takes min(n_trials, grid size): every point of the grid
         return super().sweep(arguments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -122,6 +123,39 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: 
     client.log_text(run.info.run_id, config_yaml, "config.yaml")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
+    """Run `cfg` through the pipeline as one MLflow trial run (params, config, exported model, metrics), log its
+    baseline once per store, and return the metrics."""
+    from pqsweep.cache import BaselineCache, baseline_key
+    from pqsweep.pipeline import run
+
+    setup(cfg)
+    key = baseline_key(cfg)
+    tags = {"stage": "trial", "sweep": cfg.study.name, "baseline_hash": key}
+    if trial_number is not None:
+        tags["trial_number"] = trial_number
+    name = f"{cfg.model.name}-{cfg.pruning.name}{cfg.pruning.amount:g}-{cfg.quantization.name}"
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    with task_run(name, tags) as active:
+        run_id = active.info.run_id
+        log_batch(MlflowClient(), run_id, params=flat_params(cfg))
+        mlflow.log_text(config_yaml, "config.yaml")
+        with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
+            result = run(cfg, artifact_dir=exported)
+            if any(Path(exported).iterdir()):
+                mlflow.log_artifacts(exported, "model")
+        mlflow.set_tag("baseline_cached", str(result.baseline.cached).lower())
+        mlflow.log_metrics(result.metrics)
+    with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
+        log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)
+    m = result.metrics
+    log.info(
+        "run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
+        run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"],
+    )
+    return result.metrics
 
 
 class ParentRunCallback(Callback):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pqsweep.config import TRUSTED_TARGETS
-from pqsweep.prune import apply_masks, zero_masks
+from pqsweep.weights import apply_masks, zero_masks
 
 
 def seed_everything(seed: int) -> None:

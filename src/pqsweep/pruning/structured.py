@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2
 
-from pqsweep.prune import global_magnitude, read_layer_amounts
+from pqsweep.pruning.unstructured import global_magnitude, read_layer_amounts
 
 log = logging.getLogger(__name__)
 
