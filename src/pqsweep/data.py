@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets, transforms
+
+# torchvision and scikit-learn load only with the sets that need them: importing torchvision costs ~2 s (it pulls in
+# torch._dynamo), more than a whole run on digits takes.
 
 TEST_FRACTION = 0.2  # held-out test share for the sets that ship without an official test split
 
@@ -50,7 +50,8 @@ class _Tensors(TensorDataset):
         return image, int(label)
 
 
-class _LocalCIFAR10(datasets.CIFAR10):
+@functools.lru_cache(maxsize=1)
+def _local_cifar10() -> type:
     """torchvision's CIFAR-10 reader, trusting the batch files already under root.
 
     torchvision pins the md5 of every file of the official download and calls anything else "not found or
@@ -58,10 +59,14 @@ class _LocalCIFAR10(datasets.CIFAR10):
     per-file pin (the same class attributes CIFAR100 overrides): files a user put under dataset.root are theirs to
     vouch for, and `download=true` still checks the md5 of the archive it fetches.
     """
+    from torchvision import datasets
 
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
+    class LocalCIFAR10(datasets.CIFAR10):
+        train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+        test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+        meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    return LocalCIFAR10
 
 
 def _require(cfg, what: str, expected: Sequence[str], fix: str = _ONLINE_FIX, downloadable: bool = True) -> str:
@@ -96,6 +101,8 @@ def _tensor_splits(cfg, x: torch.Tensor, y: np.ndarray, stats: Optional[Stats] =
     if cfg.resize:
         # once at load time, so an epoch costs no resizing; antialias matters only when shrinking
         x = F.interpolate(x, size=(cfg.resize, cfg.resize), mode="bilinear", align_corners=False, antialias=True)
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(y))
     rest, test = train_test_split(index, test_size=TEST_FRACTION, stratify=y, random_state=cfg.split_seed)
     train, val = train_test_split(rest, test_size=cfg.val_fraction, stratify=y[rest], random_state=cfg.split_seed)
@@ -108,6 +115,8 @@ def _tensor_splits(cfg, x: torch.Tensor, y: np.ndarray, stats: Optional[Stats] =
 
 def _vision_splits(cfg, make: Callable[..., Dataset], stats: Stats, size: int, sizing: list) -> DataSplits:
     """Official train (minus a deterministic val share) and test sets; `make(train=, transform=)` builds one."""
+    from torchvision import transforms
+
     transform = transforms.Compose([*sizing, transforms.ToTensor(), transforms.Normalize(*stats)])
     full_train, test = make(train=True, transform=transform), make(train=False, transform=transform)
     train, val = _holdout(full_train, cfg.val_fraction, cfg.split_seed)
@@ -116,11 +125,15 @@ def _vision_splits(cfg, make: Callable[..., Dataset], stats: Stats, size: int, s
 
 def _square(cfg) -> list:
     """The transform list for `dataset.resize` on the torchvision sets, whose images are square already."""
+    from torchvision import transforms
+
     return [transforms.Resize((cfg.resize, cfg.resize))] if cfg.resize else []
 
 
 def digits(cfg) -> DataSplits:
     """scikit-learn's 1,797 8x8 digits (values 0..16): embedded, so it runs anywhere in seconds."""
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = torch.as_tensor(bunch.images / 16.0, dtype=torch.float32).unsqueeze(1)
     return _tensor_splits(cfg, x, bunch.target)
@@ -141,7 +154,7 @@ def mnist5k(cfg) -> DataSplits:
     return _tensor_splits(cfg, x, labels, MNIST_STATS)
 
 
-def _idx_set(cfg, cls: type[datasets.MNIST], what: str, stats: Stats) -> DataSplits:
+def _idx_set(cfg, cls: type, what: str, stats: Stats) -> DataSplits:
     """MNIST-format sets: torchvision reads the unpacked IDX files from root/<ClassName>/raw/ (no md5 check)."""
     raw = os.path.join(cls.__name__, "raw")
     files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -151,23 +164,30 @@ def _idx_set(cfg, cls: type[datasets.MNIST], what: str, stats: Stats) -> DataSpl
 
 
 def mnist(cfg) -> DataSplits:
+    from torchvision import datasets
+
     return _idx_set(cfg, datasets.MNIST, "MNIST", MNIST_STATS)
 
 
 def fashion_mnist(cfg) -> DataSplits:
+    from torchvision import datasets
+
     return _idx_set(cfg, datasets.FashionMNIST, "Fashion-MNIST", FASHION_MNIST_STATS)
 
 
 def cifar10(cfg) -> DataSplits:
     """CIFAR-10 in its python-pickle format under root/cifar-10-batches-py/."""
-    names = [n for n, _ in _LocalCIFAR10.train_list + _LocalCIFAR10.test_list] + [_LocalCIFAR10.meta["filename"]]
-    root = _require(cfg, "CIFAR-10", [os.path.join(_LocalCIFAR10.base_folder, n) for n in names])
-    make = functools.partial(_LocalCIFAR10, root, download=cfg.download)
+    cls = _local_cifar10()
+    names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    root = _require(cfg, "CIFAR-10", [os.path.join(cls.base_folder, n) for n in names])
+    make = functools.partial(cls, root, download=cfg.download)
     return _vision_splits(cfg, make, CIFAR10_STATS, cfg.resize or 32, _square(cfg))
 
 
 def imagenet(cfg) -> DataSplits:
     """ImageFolder layout root/{train,val}/<class>/<image>; the official val folder is our test split."""
+    from torchvision import datasets, transforms
+
     fix = "put ImageFolder-style train/<class>/ and val/<class>/ folders there (no automatic download)"
     root = _require(cfg, "ImageNet", ["train", "val"], fix, downloadable=False)
     size = cfg.resize or 224
@@ -186,6 +206,8 @@ def imagenet(cfg) -> DataSplits:
 
 def fake(cfg) -> DataSplits:
     """torchvision's FakeData: random images at chance accuracy, for shape and speed tests of big models."""
+    from torchvision import datasets, transforms
+
     n_test = round(cfg.num_samples * TEST_FRACTION)
     n_val = max(1, round((cfg.num_samples - n_test) * cfg.val_fraction))
     n_train = cfg.num_samples - n_test - n_val

@@ -22,8 +22,8 @@ statistics, quantization scales and zero points) is neither. A weight is zero wh
   format reaches.
 - params_total / params_nonzero: parameters (as defined above) and their non-zero values, over the stored model.
 - sparsity: zero weights / all weights.
-- macs: multiply-accumulates of one batch-1 forward pass of the float network, from torch's FlopCounterMode
-  (dense: unstructured zeros are still computed).
+- macs: multiply-accumulates of one batch-1 forward pass of the float network in its Conv2d and Linear layers,
+  the count torch's FlopCounterMode gives (dense: unstructured zeros are still computed).
 - latency_ms_p50 / p90: batch-1 CPU forward passes after warm-up, timed one call at a time with
   torch.utils.benchmark at a fixed thread count.
 """
@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @torch.no_grad()
@@ -176,12 +175,30 @@ def parameter_counts(model: nn.Module) -> dict[str, float]:
 
 
 def macs(model: nn.Module, example: torch.Tensor) -> float:
-    """Dense multiply-accumulates of one forward pass of the float model (FLOPs / 2)."""
+    """Dense multiply-accumulates of one forward pass of the float model, counted where they are done: every
+    Conv2d (out elements x in_channels / groups x kernel area) and Linear (out elements x in_features).
+
+    The same count as torch's FlopCounterMode / 2 on these models (a test checks it on every one), without its
+    cost: it imports torch._dynamo (~1-2 s) on first use, more than a whole run on digits spends measuring."""
+    total = 0
+
+    def count(module: nn.Module, args, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        total += output.numel() * per_output
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     model.eval()
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(example)
-    return counter.get_total_flops() / 2
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return float(total)
 
 
 def latency(model: nn.Module, example: torch.Tensor, threads: int, warmup: int, repeats: int) -> dict[str, float]:

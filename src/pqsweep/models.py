@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import functools
+
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 
@@ -20,19 +21,23 @@ class _Spec(NamedTuple):
     """Where a torchvision architecture keeps what the data set decides."""
 
     build: Callable[..., nn.Module]
-    weights: tvm.WeightsEnum  # the DEFAULT ImageNet weights
+    weights: object  # the DEFAULT ImageNet weights (a torchvision WeightsEnum member)
     stem: str  # dotted path of the first conv
     head: str  # dotted path of the final nn.Linear
 
 
-_SPECS = {
-    "resnet18": _Spec(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, "conv1", "fc"),
-    "resnet18_cifar": _Spec(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, "conv1", "fc"),
-    "vgg16_bn": _Spec(tvm.vgg16_bn, tvm.VGG16_BN_Weights.DEFAULT, "features.0", "classifier.6"),
-    "alexnet": _Spec(tvm.alexnet, tvm.AlexNet_Weights.DEFAULT, "features.0", "classifier.6"),
-    "mobilenet_v2": _Spec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.DEFAULT, "features.0.0", "classifier.1"),
-    "shufflenet_v2": _Spec(tvm.shufflenet_v2_x1_0, tvm.ShuffleNet_V2_X1_0_Weights.DEFAULT, "conv1.0", "fc"),
-}
+@functools.lru_cache(maxsize=1)
+def _specs() -> dict[str, _Spec]:
+    import torchvision.models as tvm  # ~2 s to import: only the torchvision architectures need it
+
+    return {
+        "resnet18": _Spec(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, "conv1", "fc"),
+        "resnet18_cifar": _Spec(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT, "conv1", "fc"),
+        "vgg16_bn": _Spec(tvm.vgg16_bn, tvm.VGG16_BN_Weights.DEFAULT, "features.0", "classifier.6"),
+        "alexnet": _Spec(tvm.alexnet, tvm.AlexNet_Weights.DEFAULT, "features.0", "classifier.6"),
+        "mobilenet_v2": _Spec(tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.DEFAULT, "features.0.0", "classifier.1"),
+        "shufflenet_v2": _Spec(tvm.shufflenet_v2_x1_0, tvm.ShuffleNet_V2_X1_0_Weights.DEFAULT, "conv1.0", "fc"),
+    }
 
 
 def small_cnn(num_classes: int, in_channels: int, pretrained: bool = False) -> nn.Module:
@@ -99,7 +104,7 @@ def shufflenet_v2(num_classes: int, in_channels: int, pretrained: bool = False) 
 
 def _torchvision(name: str, num_classes: int, in_channels: int, pretrained: bool) -> nn.Module:
     """Builds the ImageNet architecture, loads its weights if asked, then fits stem and head to the data set."""
-    spec = _SPECS[name]
+    spec = _specs()[name]
     model = spec.build(weights=None)
     if pretrained:
         model.load_state_dict(_cached_state_dict(name, spec.weights))
@@ -110,7 +115,7 @@ def _torchvision(name: str, num_classes: int, in_channels: int, pretrained: bool
     return model
 
 
-def _cached_state_dict(name: str, weights: tvm.WeightsEnum) -> dict:
+def _cached_state_dict(name: str, weights) -> dict:
     """The weights file from the torch hub cache, where torchvision's own download would have put it."""
     filename = Path(weights.url).name
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
