@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pqsweep.config import ConfigError, validate
+from pqsweep.config import ConfigError, register, validate
 
 CONFIG_MODULE = "pqsweep.conf"  # the packaged configs: conf/ (and sweeps/ as its `sweep` group)
 
@@ -52,13 +52,17 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     return fixed, sweeps
 
 
-def one_line(override: str, error: Exception) -> str:
-    """Hydra's and OmegaConf's multi-line messages, reduced to the key, the value and what is allowed."""
+def one_line(override: str, error: Exception, config_name: str = "config", search: list[str] = ()) -> str:
+    """Hydra's and OmegaConf's multi-line messages, reduced to the key, the value and what is allowed.
+
+    `search` holds the command line's `hydra.searchpath` overrides: the allowed options include the user's own.
+    """
     if isinstance(error, ConfigError):
         return str(error)
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, option = error.missing_cfg_file.rsplit("/", 1)
-        options = GlobalHydra.instance().config_loader().get_group_options(group)
+        loader = GlobalHydra.instance().config_loader()
+        options = loader.get_group_options(group, config_name=config_name, overrides=list(search))
         return f"{group}={option} is not an option; allowed: {', '.join(options)}"
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) and error.__cause__ else error
     if isinstance(cause, OmegaConfBaseException):
@@ -99,13 +103,15 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
         if require is not None:
             require(cfg)
 
+    register()  # the schemas the option files start from
     with hydra_context(config_dir) as hydra:
+        search = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath"]
         try:
             fixed, sweeps = expand(overrides)
             cfg = compose(hydra, config_name, fixed)
             checked(cfg)
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
-            return one_line(" ".join(overrides), error)
+            return one_line(" ".join(overrides), error, config_name, search)
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
         # keys the command line sets itself: those replace the file's grid entries.
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
@@ -116,7 +122,7 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
                 try:
                     checked(compose(hydra, config_name, fixed + [override]))
                 except Exception as error:  # noqa: BLE001
-                    return one_line(override, error)
+                    return one_line(override, error, config_name, search)
     return None
 
 
