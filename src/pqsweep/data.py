@@ -41,6 +41,20 @@ class DataSplits:
     in_channels: int
     image_size: int  # side of the (square) images the model sees, after resize
 
+    def tensors(self) -> dict | None:
+        """The splits as tensors, for the data cache; None unless every split is held in memory."""
+        parts = (self.train, self.val, self.test)
+        if not all(isinstance(part, _Tensors) for part in parts):
+            return None
+        entry = {name: list(part.tensors) for name, part in zip(("train", "val", "test"), parts)}
+        return {**entry, "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "image_size": self.image_size}
+
+    @classmethod
+    def from_tensors(cls, entry: dict) -> "DataSplits":
+        train, val, test = (_Tensors(*entry[name]) for name in ("train", "val", "test"))
+        return cls(train, val, test, entry["num_classes"], entry["in_channels"], entry["image_size"])
+
 
 class _Tensors(TensorDataset):
     """A TensorDataset whose labels come out as Python ints, like those of the torchvision sets."""

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pqsweep import measure
-from pqsweep.cache import BaselineCache, baseline_key
+from pqsweep.cache import BaselineCache, DataCache, baseline_key, data_key
 from pqsweep.config import Export, Order, validate
 from pqsweep.data import DataSplits
 from pqsweep.weights import footprint
@@ -42,8 +42,24 @@ class RunResult:
     baseline_metrics: dict[str, float]
 
 
+def load_splits(cfg: DictConfig) -> DataSplits:
+    """The data set's splits; those held in memory come from the data cache after their first build."""
+    cache, key = DataCache(cfg.cache.dir), data_key(cfg)
+    entry = cache.load(key)
+    if entry is not None:
+        return DataSplits.from_tensors(entry)
+    with cache.lock(key):
+        entry = cache.load(key)  # a parallel trial may have built it while this one waited
+        if entry is not None:
+            return DataSplits.from_tensors(entry)
+        splits: DataSplits = get_method(cfg.dataset._target_)(cfg.dataset)
+        if splits.tensors() is not None:
+            cache.save(key, splits.tensors())
+    return splits
+
+
 def load_data(cfg: DictConfig) -> tuple[DataSplits, dict[str, DataLoader]]:
-    splits: DataSplits = get_method(cfg.dataset._target_)(cfg.dataset)
+    splits = load_splits(cfg)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     loaders = {
         "train": DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=generator),
