@@ -34,7 +34,11 @@ class OptunaSweeper(_PluginSweeper):
         if impl.params:
             given = command_line_keys(arguments)
             impl.params = {k: v for k, v in impl.params.items() if k not in given}
-        impl.direction = directions(impl.config.study.objectives)
+        derived = directions(impl.config.study.objectives)
+        if impl.direction is not None and list(impl._get_directions()) != derived:
+            log.warning("hydra.sweeper.direction=%s ignored: the directions follow study.objectives %s: %s",
+                        impl.direction, list(impl.config.study.objectives), derived)
+        impl.direction = derived
         if is_grid(impl.sampler):
             impl.n_trials = 2**62  # the plugin takes min(n_trials, grid size): every point of the grid
         return super().sweep(arguments)
