@@ -9,7 +9,7 @@ SWEEP ?= mnist_cnn_sparsity_x_precision
 STAMP := $(VENV)/.installed
 
 help: ## list the targets
-	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,11 @@ run: install ## run the default sweep on embedded MNIST digits (no download) and
 	$(BIN)/pqsweep -m sweep=$(SWEEP)
 	$(BIN)/pqsweep-report $(SWEEP)
 
-test: install ## run the test suite (end-to-end sweeps included; `-m "not slow"` skips them)
+test: install ## run the whole test suite, the slow tier included (what CI runs)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## the quick tier: every test but the slow ones (end-to-end runs, products over every option)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 sweep: install ## run one study from sweeps/: make sweep SWEEP=<name>
 	$(BIN)/pqsweep -m sweep=$(SWEEP)
@@ -38,4 +41,4 @@ ui: install ## the MLflow UI for ./mlflow.db on http://127.0.0.1:5000
 clean: ## remove run outputs, the baseline cache and the local MLflow store (keeps .venv)
 	rm -rf outputs multirun .pqsweep_cache mlflow.db mlartifacts .pytest_cache
 
-.PHONY: help install run test sweep report ui clean
+.PHONY: help install run test test-fast sweep report ui clean

@@ -1,70 +1,143 @@
-"""The small nets, data and config composition that the stage tests share, built and trained the same way in each.
+"""The tests' one helper module: configs composed as the app composes them, the small nets, and the Context they get.
 
-Imported by the test modules (`from nets import ...`); pytest puts tests/ on sys.path for conftest.py.
+conftest.py turns the stateful parts into fixtures (the digits splits, the trained nets, configs whose paths point at
+tmp_path); test modules import the rest (`from nets import ...`; pytest puts tests/ on sys.path), e.g. `options` to
+parametrize at collection time.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.resources
+from itertools import islice
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
+from hydra.utils import get_method
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pqsweep import models, pipeline
+from pqsweep import measure, models
 from pqsweep.config import register
-from pqsweep.data import DataSplits
+from pqsweep.preflight import CONFIG_MODULE
 from pqsweep.train import Context
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The configs the installed app loads (pkg://pqsweep.conf; in a checkout, src/pqsweep/conf links to conf/).
+CONF_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 register()
 
-
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return compose("config", overrides=list(overrides))
+# Small enough for CI's two cores; real enough that every stage does its work.
+TINY = ["train.epochs=2", "train.finetune_epochs=1", "measure.warmup=2", "measure.repeats=5"]
 
 
-def load_digits() -> DataSplits:
-    """The embedded digits (8x8, 10 classes) as the pipeline loads them."""
-    return pipeline.load_data(compose_cfg("dataset=digits"))[0]
+def options(group: str) -> list[str]:
+    """A group's options, as the files in its folder: a new file is covered without editing any test."""
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
-def calibration_context(batches: list, train_cfg=None) -> Context:
-    """What the pipeline hands a quantizer, with `batches` as the training loader (calibration, QAT)."""
-    return Context(loaders={"train": batches}, example=batches[0][0][:1] if batches else None, train_cfg=train_cfg)
+@functools.lru_cache(maxsize=None)
+def _composed(config_name: str, overrides: tuple[str, ...], hydra: bool) -> DictConfig:
+    with initialize_config_module(config_module=CONFIG_MODULE):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def compose_cfg(*overrides: str, config_name: str = "config", hydra: bool = False) -> DictConfig:
+    """The config the app composes from pkg://pqsweep.conf with `overrides`.
+
+    Each override list is composed once per session (composition is the slow part of many small tests) and every
+    call gets its own copy, so a test may edit what it gets. Paths stay as configured: tests that write anything
+    use the `make_cfg` fixture, which points them at tmp_path.
+    """
+    return copy.deepcopy(_composed(config_name, tuple(overrides), hydra))
+
+
+def option(group: str, name: str, *overrides: str) -> DictConfig:
+    """The `<group>` node of `<group>=<name>` with `<group>.<key>=<value>` overrides, as a run composes it."""
+    return compose_cfg(f"{group}={name}", *(f"{group}.{o}" for o in overrides))[group]
+
+
+def quantize(name: str, model: nn.Module, ctx: Context | None, *overrides: str) -> nn.Module:
+    """`model` through the real `quantization=<name>` (plus `quantization.` overrides), as the pipeline calls it."""
+    cfg = option("quantization", name, *overrides)
+    return get_method(cfg._target_)(copy.deepcopy(model).eval(), cfg, ctx)
+
+
+# --- data and the Context a method is handed ---------------------------------------------------------------------
+
+
+def loader(data: Dataset, batch_size: int = 64, shuffle: bool = False) -> DataLoader:
+    """Batches of `data`, in a seeded order when shuffled: the same batches whichever test asks first."""
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+
+
+def batches(data: Dataset, n: int, batch_size: int = 64) -> list:
+    """The first `n` (images, labels) batches of `data`: a calibration set."""
+    return list(islice(loader(data, batch_size), n))
+
+
+def context(train, train_cfg=None, example: torch.Tensor | None = None, initial_state: dict | None = None,
+            kind: type[Context] = Context) -> Context:
+    """What the pipeline hands a pruner or quantizer: `train` (a DataLoader or a list of (images, labels) batches) as
+    the training loader that calibration, fine-tuning and QAT read, an example input (default: the first image of
+    `train`), the `train` config group (fine-tuning needs it), and the weights at initialisation (rewind=reinit)."""
+    if example is None and len(train):
+        example = next(iter(train))[0][:1]
+    return kind({"train": train}, example, train_cfg, initial_state=initial_state)
+
+
+class RecordingContext(Context):
+    """A real Context that keeps a copy of the model before (`seen`) and after (`tuned`) each fine-tuning."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[nn.Module] = []
+        self.tuned: list[nn.Module] = []
+
+    def finetune(self, model, epochs=None, lr=None, desc="finetune"):
+        self.seen.append(copy.deepcopy(model))
+        history = super().finetune(model, epochs, lr, desc)
+        self.tuned.append(copy.deepcopy(model))
+        return history
+
+
+# --- the small nets ----------------------------------------------------------------------------------------------
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
+    """The project's small CNN (18,346 parameters) for 1-channel images and 10 classes, seeded."""
     torch.manual_seed(seed)
     return models.small_cnn(num_classes=10, in_channels=1).eval()
 
 
-def wide_convnet() -> nn.Module:
+def wide_convnet(seed: int = 0) -> nn.Module:
     """A net for 8x8 digits whose 280 k weights dominate its file, so size ratios show the storage precision.
 
     Most weights sit in the first Linear layer, where they cost one MAC each per image, so training stays fast.
     The first conv has no bias (as in ResNets) and the second has one, so both cases of Conv+BN folding occur.
     """
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
         nn.Linear(256, 10),
-    )
+    ).eval()
+
+
+NETS = {"small_cnn": small_cnn, "wide_convnet": wide_convnet}
 
 
 def train_briefly(model: nn.Module, data: Dataset, epochs: int) -> nn.Module:
     """Adam at 1e-3, batches of 64 in a seeded order: the same trained net whichever test builds it first."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    shuffled = loader(data, shuffle=True)  # one generator for all epochs: a new order each epoch
     model.train()
     for _ in range(epochs):
-        for x, y in batches:
+        for x, y in shuffled:
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
@@ -74,3 +147,8 @@ def train_briefly(model: nn.Module, data: Dataset, epochs: int) -> nn.Module:
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
+
+
+def top1(model: nn.Module, data: Dataset) -> float:
+    """Top-1 accuracy (%) on `data`."""
+    return measure.accuracy(model, loader(data, batch_size=512))["top1"]

@@ -11,20 +11,16 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from pqsweep.config import register
 from pqsweep.data import DataSplits
 
-CONF_DIR = Path(__file__).parents[1] / "conf"
-register()
+from nets import compose_cfg
 
 
 def build(*overrides: str) -> DataSplits:
     """Compose the real config with `overrides` and call the dataset's builder the way the pipeline does."""
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=list(overrides))
+    cfg = compose_cfg(*overrides)
     return hydra.utils.get_method(cfg.dataset._target_)(cfg.dataset)
 
 
@@ -34,6 +30,20 @@ def check_items(splits: DataSplits, shape: tuple[int, ...]) -> None:
         assert image.dtype == torch.float32 and tuple(image.shape) == shape
         assert isinstance(label, int) and 0 <= label < splits.num_classes
     assert (splits.in_channels, splits.image_size, splits.image_size) == shape
+
+
+def assert_disjoint(splits: DataSplits) -> None:
+    """No image is in two splits, nor twice in one: compared by content (every split is normalised alike), so a
+    test split drawn from the training data fails however its indices were chosen. The raw images of every set
+    here are distinct (the tiny files are random; digits and mnist5k have no duplicates)."""
+    seen: dict[str, set[bytes]] = {}
+    for name in ("train", "val", "test"):
+        split = getattr(splits, name)
+        images = {split[i][0].numpy().tobytes() for i in range(len(split))}
+        assert len(images) == len(split), f"{name} holds an image twice"
+        for other, theirs in seen.items():
+            assert not images & theirs, f"{name} and {other} share {len(images & theirs)} images"
+        seen[name] = images
 
 
 def sizes(splits: DataSplits) -> tuple[int, int, int]:
@@ -50,6 +60,7 @@ def test_embedded_splits_are_stratified_and_deterministic(name, total, side):
     assert train + val + test == total
     assert test == pytest.approx(0.2 * total, abs=1) and val == pytest.approx(0.1 * (train + val), abs=1)
     check_items(first, (1, side, side))
+    assert_disjoint(first)
     assert first.num_classes == 10
     for a, b in zip((first.train, first.val, first.test), (again.train, again.val, again.test)):
         assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
@@ -126,6 +137,7 @@ def test_cifar10_from_pickled_batches(tmp_path):
     assert sizes(splits) == (18, 2, 6)  # 20 training images, 10 % of them held out for validation
     assert splits.num_classes == 10
     check_items(splits, (3, 32, 32))
+    assert_disjoint(splits)
     resized = build("dataset=cifar10", f"dataset.root={tmp_path}", "dataset.resize=16")
     check_items(resized, (3, 16, 16))
 
@@ -137,6 +149,7 @@ def test_mnist_formats_from_idx_files(tmp_path, option, folder):
     assert sizes(splits) == (18, 2, 10)
     assert splits.num_classes == 10
     check_items(splits, (1, 28, 28))
+    assert_disjoint(splits)
     again = build(f"dataset={option}", f"dataset.root={tmp_path}")
     assert splits.val.indices == again.val.indices  # the held-out share is deterministic
     check_items(build(f"dataset={option}", f"dataset.root={tmp_path}", "dataset.resize=32"), (1, 32, 32))
@@ -148,6 +161,7 @@ def test_imagenet_from_image_folders(tmp_path):
     assert sizes(splits) == (11, 1, 6)
     assert splits.num_classes == 3
     check_items(splits, (3, 32, 32))
+    assert_disjoint(splits)
     assert {label for _, label in splits.test} == {0, 1, 2}
 
 
@@ -181,5 +195,5 @@ def test_fake_shapes_and_splits():
     splits = build("dataset=fake", "dataset.num_samples=50", "dataset.image_size=24", "dataset.channels=3")
     assert sizes(splits) == (36, 4, 10)
     check_items(splits, (3, 24, 24))
-    assert not torch.equal(splits.train[0][0], splits.test[0][0])  # offsets keep the splits apart
+    assert_disjoint(splits)  # FakeData's offsets keep the splits apart
     check_items(build("dataset=fake", "dataset.num_samples=20", "dataset.resize=40"), (3, 40, 40))

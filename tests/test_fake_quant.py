@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from pqsweep.pruning import unstructured
 from pqsweep.quantization.fake_quant import FakeQuantized, fake_quant
 from pqsweep.train import Context
 
-from nets import calibration_context, compose_cfg, small_cnn, train_briefly
+from nets import batches, compose_cfg, context
 
 
 def quant_cfg(*overrides: str):
@@ -24,16 +23,9 @@ def quant_cfg(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def context(digits) -> Context:
+def calibration(digits) -> Context:
     """The first eight training batches as the calibration loader."""
-    batches = list(itertools.islice(DataLoader(digits.train, batch_size=64), 8))
-    return calibration_context(batches)
-
-
-@pytest.fixture(scope="module")
-def trained(digits) -> nn.Module:
-    """small_cnn after ten epochs on digits (94.7 % test top-1): small enough that 2-bit weights hurt."""
-    return train_briefly(small_cnn(), digits.train, epochs=10)
+    return context(batches(digits.train, 8))
 
 
 @pytest.fixture(scope="module")
@@ -56,26 +48,28 @@ def test_option_reports_the_weight_bits():
 
 
 @pytest.mark.parametrize("bits", [8, 16])
-def test_8_and_16_bits_keep_fp32_accuracy(trained, context, test_loader, bits):
-    model = fake_quant(trained, quant_cfg(f"quantization.bits_w={bits}", f"quantization.bits_a={bits}"), context)
-    # measured: 94.72 % at 16/16 and 8/8, as fp32
-    assert abs(top1(model, test_loader) - top1(trained, test_loader)) <= 1.0
+def test_8_and_16_bits_keep_fp32_accuracy(trained_cnn, calibration, test_loader, bits):
+    model = fake_quant(trained_cnn, quant_cfg(f"quantization.bits_w={bits}", f"quantization.bits_a={bits}"), calibration)
+    # measured: 94.72 % at 16/16 and 8/8, as fp32; one image is 0.28 pp
+    assert abs(top1(model, test_loader) - top1(trained_cnn, test_loader)) <= 0.6
 
 
-def test_2_bit_weights_visibly_degrade(trained, context, test_loader):
-    fp32 = top1(trained, test_loader)
-    four = top1(fake_quant(trained, quant_cfg("quantization.bits_w=4"), context), test_loader)
-    two = top1(fake_quant(trained, quant_cfg("quantization.bits_w=2"), context), test_loader)
+def test_2_bit_weights_visibly_degrade(trained_cnn, calibration, test_loader):
+    fp32 = top1(trained_cnn, test_loader)
+    four = top1(fake_quant(trained_cnn, quant_cfg("quantization.bits_w=4"), calibration), test_loader)
+    two = top1(fake_quant(trained_cnn, quant_cfg("quantization.bits_w=2"), calibration), test_loader)
     # measured (symmetric, per channel, 8-bit inputs): fp32 94.7, w4 91.9, w2 74.7. Ternary weights {-s, 0, s}
-    # lose about 20 points; a bug that left the weights unrounded would lose nothing.
-    assert fp32 - two >= 10.0
-    assert four - two >= 10.0
+    # lose about 20 points; a bug that left the weights unrounded would lose nothing, one that rounded to 2 bits
+    # at every setting would lose as much at 4.
+    assert fp32 - two >= 15.0
+    assert four - two >= 12.0
+    assert fp32 - four <= 5.0
 
 
-def test_the_original_model_is_left_alone(trained, context):
-    before = copy.deepcopy(trained.state_dict())
-    fake_quant(trained, quant_cfg("quantization.bits_w=2"), context)
-    assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())
+def test_the_original_model_is_left_alone(trained_cnn, calibration):
+    before = copy.deepcopy(trained_cnn.state_dict())
+    fake_quant(trained_cnn, quant_cfg("quantization.bits_w=2"), calibration)
+    assert all(torch.equal(v, before[k]) for k, v in trained_cnn.state_dict().items())
 
 
 @pytest.mark.parametrize("bits, symmetric, granularity", [
@@ -84,10 +78,10 @@ def test_the_original_model_is_left_alone(trained, context):
     for symmetric in (True, False)
     for granularity in ("per_channel", "per_tensor")
 ])
-def test_weights_take_at_most_2_to_the_bits_values(trained, context, bits, symmetric, granularity):
+def test_weights_take_at_most_2_to_the_bits_values(trained_cnn, calibration, bits, symmetric, granularity):
     cfg = quant_cfg(f"quantization.bits_w={bits}", f"quantization.symmetric={symmetric}",
                     f"quantization.granularity={granularity}")
-    layers = quantized_layers(fake_quant(trained, cfg, context))
+    layers = quantized_layers(fake_quant(trained_cnn, cfg, calibration))
     assert len(layers) == 4
     # symmetric uses the narrow signed range (2^b - 1 levels, symmetric around 0); affine uses all 2^b
     limit = 2**bits - 1 if symmetric else 2**bits
@@ -100,11 +94,11 @@ def test_weights_take_at_most_2_to_the_bits_values(trained, context, bits, symme
     assert max(counts) >= limit - 1  # the grid is really used (by the Linear rows of 256 weights), not collapsed
 
 
-def test_symmetric_and_affine_grids_differ_as_defined(trained, context):
-    float_layers = [m for m in trained.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    symmetric = quantized_layers(fake_quant(trained, quant_cfg("quantization.bits_w=2"), context))
-    affine = quantized_layers(fake_quant(trained, quant_cfg("quantization.bits_w=2", "quantization.symmetric=false"),
-                                         context))
+def test_symmetric_and_affine_grids_differ_as_defined(trained_cnn, calibration):
+    float_layers = [m for m in trained_cnn.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    symmetric = quantized_layers(fake_quant(trained_cnn, quant_cfg("quantization.bits_w=2"), calibration))
+    affine = quantized_layers(fake_quant(trained_cnn, quant_cfg("quantization.bits_w=2", "quantization.symmetric=false"),
+                                         calibration))
     for original, sym, aff in zip(float_layers, symmetric, affine):
         w, s, a = (t.detach().flatten(1) for t in (original.weight, sym.weight, aff.weight))
         # symmetric: zero point 0, every channel in {-m, 0, m} with m = max|w| of the channel (kept exactly)
@@ -122,19 +116,19 @@ def test_symmetric_and_affine_grids_differ_as_defined(trained, context):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_pruned_weights_stay_zero(trained, context, symmetric):
-    pruned = copy.deepcopy(trained)
+def test_pruned_weights_stay_zero(trained_cnn, calibration, symmetric):
+    pruned = copy.deepcopy(trained_cnn)
     unstructured.global_magnitude(pruned, OmegaConf.create({"amount": 0.7}))
-    model = fake_quant(pruned, quant_cfg("quantization.bits_w=3", f"quantization.symmetric={symmetric}"), context)
+    model = fake_quant(pruned, quant_cfg("quantization.bits_w=3", f"quantization.symmetric={symmetric}"), calibration)
     for original, layer in zip([m for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))],
                                quantized_layers(model)):
         assert torch.all(layer.weight[original.weight == 0] == 0)
 
 
 @pytest.mark.parametrize("bits_a, symmetric", [(2, True), (3, False), (4, True), (8, False)])
-def test_layer_inputs_take_at_most_2_to_the_bits_values(trained, context, digits, bits_a, symmetric):
-    model = fake_quant(trained, quant_cfg(f"quantization.bits_a={bits_a}", f"quantization.symmetric={symmetric}"),
-                       context)
+def test_layer_inputs_take_at_most_2_to_the_bits_values(trained_cnn, calibration, digits, bits_a, symmetric):
+    model = fake_quant(trained_cnn, quant_cfg(f"quantization.bits_a={bits_a}", f"quantization.symmetric={symmetric}"),
+                       calibration)
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
              for layer in quantized_layers(model)]
@@ -148,14 +142,14 @@ def test_layer_inputs_take_at_most_2_to_the_bits_values(trained, context, digits
         assert 2 <= x.unique().numel() <= 2**bits_a
 
 
-def test_batchnorm_is_folded_before_rounding(context, digits):
+def test_batchnorm_is_folded_before_rounding(calibration, digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
     with torch.no_grad():  # non-trivial running statistics, so folding changes the weights
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
-    quantized = fake_quant(model, quant_cfg("quantization.bits_w=16", "quantization.bits_a=16"), context)
+    quantized = fake_quant(model, quant_cfg("quantization.bits_w=16", "quantization.bits_a=16"), calibration)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in quantized.modules())
     x = next(iter(DataLoader(digits.test, batch_size=64)))[0]
     with torch.no_grad():
@@ -163,23 +157,23 @@ def test_batchnorm_is_folded_before_rounding(context, digits):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated, but what export=torchscript uses
-def test_traces_and_reloads_with_identical_outputs(trained, context, digits):
-    model = fake_quant(trained, quant_cfg("quantization.bits_w=4", "quantization.bits_a=4"), context)
+def test_traces_and_reloads_with_identical_outputs(trained_cnn, calibration, digits):
+    model = fake_quant(trained_cnn, quant_cfg("quantization.bits_w=4", "quantization.bits_a=4"), calibration)
     x = next(iter(DataLoader(digits.test, batch_size=32)))[0]
     with torch.no_grad():
         expected = model(x)
         traced = torch.jit.trace(model, x)
         assert torch.equal(traced(x[:5]), expected[:5])  # traced at batch 32, run at batch 5: no baked-in shapes
     again = fake_quant(models.small_cnn(num_classes=10, in_channels=1), quant_cfg("quantization.bits_w=4",
-                                                                                 "quantization.bits_a=4"), context)
+                                                                                 "quantization.bits_a=4"), calibration)
     again.load_state_dict(model.state_dict())  # the frozen input ranges are buffers, so the file holds them
     with torch.no_grad():
         assert torch.equal(again(x), expected)
 
 
 @pytest.mark.parametrize("key", ["bits_w", "bits_a"])
-def test_bits_out_of_range_is_a_clear_error(trained, context, key):
+def test_bits_out_of_range_is_a_clear_error(trained_cnn, calibration, key):
     cfg = quant_cfg()
     cfg[key] = 1
     with pytest.raises(ValueError, match=rf"quantization\.{key}=1 is not allowed: must be an integer in 2\.\.16"):
-        fake_quant(trained, cfg, context)
+        fake_quant(trained_cnn, cfg, calibration)

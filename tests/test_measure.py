@@ -5,33 +5,26 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import onnxruntime
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.nn import quantized as nnq
 
 from pqsweep import measure, models
-from pqsweep.pruning import unstructured
-from pqsweep.config import register
 from pqsweep.export import ExportError, export
+from pqsweep.pruning import unstructured
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register()
+from nets import batches, compose_cfg, context, quantize
+
 IN, OUT = 100, 50  # Linear(100, 50): 5000 weights, a 625-byte bitmask, 50 biases
 
 
-def deploy(name: str, model: nn.Module, batches: list[torch.Tensor], *overrides: str) -> nn.Module:
-    """The real `quantization=<name>` option, as the pipeline calls it."""
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[f"quantization={name}", *overrides]).quantization
-    ctx = SimpleNamespace(loaders={"train": [(x, torch.zeros(len(x), dtype=torch.long)) for x in batches]})
-    return get_method(cfg._target_)(copy.deepcopy(model), cfg, ctx)
+def deploy(name: str, model: nn.Module, images: list[torch.Tensor], *overrides: str) -> nn.Module:
+    """The real `quantization=<name>` option, as the pipeline calls it, calibrated on `images`."""
+    return quantize(name, model, context([(x, torch.zeros(len(x), dtype=torch.long)) for x in images]), *overrides)
 
 
 def sparse_linear(nonzero: int, seed: int = 0) -> nn.Sequential:
@@ -81,7 +74,7 @@ def test_fp16_stores_two_bytes_per_value():
     ("per_channel", 2 * (4 + 8) + OUT * (8 + 8)),
 ])
 def test_static_int8_sizes_by_hand(granularity, qparams):
-    model = deploy("static_int8", sparse_linear(500), [torch.randn(8, IN)], f"quantization.granularity={granularity}")
+    model = deploy("static_int8", sparse_linear(500), [torch.randn(8, IN)], f"granularity={granularity}")
     sizes = in_bytes(measure.sizes(model))
     assert sizes["size_sparse_mb"] == 500 * 1 + BITMASK + OUT * 4 + qparams  # int8 weights, float32 biases
     assert sizes["size_theoretical_mb"] == 500 * 1 + OUT * 4  # no index, no scales
@@ -121,7 +114,7 @@ def test_weight_bits_set_the_theoretical_size(on_wrapper):
 
 def test_fake_quant_sizes_count_its_bits(digits_batches):
     model = unstructured.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
-    deployed = deploy("fake_quant", model, digits_batches, "quantization.bits_w=4")
+    deployed = deploy("fake_quant", model, digits_batches, "bits_w=4")
     layers = [m for m in deployed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     weights = sum(int(torch.count_nonzero(m.weight)) for m in layers)
     biases = sum(int(torch.count_nonzero(m.bias)) for m in layers)
@@ -130,7 +123,7 @@ def test_fake_quant_sizes_count_its_bits(digits_batches):
 
 def test_pt2e_int8_weight_buffers_are_weights(digits_batches):
     model = unstructured.global_magnitude(models.small_cnn(10, 1), OmegaConf.create({"amount": 0.9}))
-    deployed = deploy("static_int8", model, digits_batches, "quantization.backend=pt2e")
+    deployed = deploy("static_int8", model, digits_batches, "backend=pt2e")
     weights = [t for t in deployed.state_dict().values() if t.dtype == torch.int8]
     assert len(weights) == 4  # int8 buffers, not nn.Parameters
     counts = measure.parameter_counts(deployed)
@@ -150,32 +143,38 @@ def test_sparse_size_pays_only_with_zeros():
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(512, 512))  # a 32 KB bitmask: more than torch.save's framing
     sparse = unstructured.global_magnitude(copy.deepcopy(dense), OmegaConf.create({"amount": 0.9}))
-    dense_sizes, sparse_sizes = measure.sizes(dense), measure.sizes(sparse)
-    assert dense_sizes["size_sparse_mb"] > dense_sizes["size_mb"]  # every weight plus the bitmask
-    assert sparse_sizes["size_sparse_mb"] < 0.2 * sparse_sizes["size_mb"]  # 10 % of the values + 1/32 for the mask
-    assert sparse_sizes["size_theoretical_mb"] < sparse_sizes["size_sparse_mb"]
+    dense_sizes, sparse_sizes = in_bytes(measure.sizes(dense)), in_bytes(measure.sizes(sparse))
+    weights, kept, bitmask = 512 * 512, round(0.1 * 512 * 512), 512 * 512 // 8
+    assert dense_sizes["size_sparse_mb"] == weights * 4 + bitmask + 512 * 4 > dense_sizes["size_mb"]  # plus a bitmask
+    assert sparse_sizes["size_sparse_mb"] == kept * 4 + bitmask + 512 * 4  # 10 % of the values, 1 bit per weight
+    assert sparse_sizes["size_theoretical_mb"] == kept * 4 + 512 * 4
+    assert sparse_sizes["size_mb"] == dense_sizes["size_mb"]  # torch.save stores the zeros
 
 
 # --- every deployable kind --------------------------------------------------------------------------------------
 
-KINDS = {  # option overrides -> the kind of model the project deploys
-    "fp32": ["quantization=none"],
-    "fp16": ["quantization=fp16"],
-    "bf16": ["quantization=bf16"],
-    "static_int8": ["quantization=static_int8"],
-    "static_int8_per_tensor": ["quantization=static_int8", "quantization.granularity=per_tensor"],
-    "dynamic_int8": ["quantization=dynamic_int8"],
-    "pt2e": ["quantization=static_int8", "quantization.backend=pt2e"],
-    "fake_quant": ["quantization=fake_quant", "quantization.bits_w=4"],
+KINDS = {  # the kind of model the project deploys -> (quantization option, its overrides)
+    "fp32": ("none", []),
+    "fp16": ("fp16", []),
+    "bf16": ("bf16", []),
+    "static_int8": ("static_int8", []),
+    "static_int8_per_tensor": ("static_int8", ["granularity=per_tensor"]),
+    "dynamic_int8": ("dynamic_int8", []),
+    "pt2e": ("static_int8", ["backend=pt2e"]),
+    "fake_quant": ("fake_quant", ["bits_w=4"]),
 }
 
 
-@pytest.fixture(scope="module")
-def digits_batches() -> list[torch.Tensor]:
-    from sklearn.datasets import load_digits
+def option(kind: str):
+    """The quantization config a run of that kind has (export reads its name and export_tolerance)."""
+    name, overrides = KINDS[kind]
+    return compose_cfg(f"quantization={name}", *(f"quantization.{o}" for o in overrides)).quantization
 
-    images = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16
-    return [images[:64], images[64:128]]
+
+@pytest.fixture(scope="module")
+def digits_batches(digits) -> list[torch.Tensor]:
+    """Two batches of 64 digits images, as the pipeline normalises them."""
+    return [x for x, _ in batches(digits.train, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +186,7 @@ def pruned_cnn() -> nn.Module:
 @pytest.fixture(scope="module")
 def deployed(pruned_cnn, digits_batches) -> dict[str, nn.Module]:
     """small_cnn at 90 % sparsity, deployed by each kind."""
-    result = {}
-    for kind, overrides in KINDS.items():
-        name = overrides[0].split("=")[1]
-        result[kind] = deploy(name, pruned_cnn, digits_batches, *overrides[1:])
-    return result
+    return {kind: deploy(name, pruned_cnn, digits_batches, *overrides) for kind, (name, overrides) in KINDS.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -206,7 +201,8 @@ def test_structural_pruning_shrinks_every_size():
     torch.manual_seed(0)
     wide, narrow = nn.Sequential(nn.Linear(IN, OUT)), nn.Sequential(nn.Linear(IN, OUT // 2))
     for key, value in measure.sizes(narrow).items():
-        assert value < 0.6 * measure.sizes(wide)[key], key
+        # half the weights and biases: 0.50 of every size but the file's, whose framing stays (measured 0.54)
+        assert value < 0.55 * measure.sizes(wide)[key], key
 
 
 # --- export -----------------------------------------------------------------------------------------------------
@@ -235,7 +231,7 @@ def reload(path: Path):
 @pytest.mark.parametrize("kind, fmt", SUPPORTED)
 def test_exported_file_reproduces_the_outputs(deployed, digits_batches, tmp_path, kind, fmt):
     model = deployed[kind]
-    result = export(model, digits_batches[0][:1], fmt, tmp_path)
+    result = export(model, digits_batches[0][:1], fmt, tmp_path, option(kind))
     assert set(result) == {"export_max_abs_diff"}
     # reloaded here, independently of export's own check, on eight other images at once
     path = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt")
@@ -253,20 +249,18 @@ def test_a_structurally_pruned_model_exports_smaller(tmp_path):
     sizes = {}
     for width in (OUT, OUT // 2):
         model = nn.Sequential(nn.Linear(IN, width), nn.ReLU(), nn.Linear(width, 10)).eval()
-        assert export(model, x, "onnx", tmp_path / str(width))["export_max_abs_diff"] < 1e-5
+        assert export(model, x, "onnx", tmp_path / str(width), option("fp32"))["export_max_abs_diff"] < 1e-5
         sizes[width] = (tmp_path / str(width) / "model.onnx").stat().st_size
-    assert sizes[OUT // 2] < 0.6 * sizes[OUT]
+    assert sizes[OUT // 2] < 0.6 * sizes[OUT]  # half the weights; the graph's own bytes stay (measured 0.58)
 
 
-@pytest.mark.parametrize("kind, quantization, instead", [
-    ("bf16", "bf16", "use export=torchscript, or quantization=fp16"),
-    ("dynamic_int8", "dynamic_int8", "use export=torchscript"),
-    ("static_int8", r"static_int8 \(backend=fx", r"use export=torchscript, or quantization.backend=pt2e"),
-])
-def test_unsupported_export_is_a_one_line_error(deployed, digits_batches, tmp_path, kind, quantization, instead):
-    with pytest.raises(ExportError, match=rf"^export=onnx failed for quantization={quantization}.*: .*; {instead}") \
+@pytest.mark.parametrize("kind", ["bf16", "dynamic_int8", "static_int8"])
+def test_unsupported_export_is_a_one_line_error(deployed, digits_batches, tmp_path, kind):
+    # bf16: onnxruntime has no bfloat16 Conv on CPU; torch.ao int8: neither exporter takes all of small_cnn
+    name = KINDS[kind][0]
+    with pytest.raises(ExportError, match=rf"^export=onnx failed for quantization={name}: \w+: .+; use export=torchscript$") \
             as error:
-        export(deployed[kind], digits_batches[0][:1], "onnx", tmp_path)
+        export(deployed[kind], digits_batches[0][:1], "onnx", tmp_path, option(kind))
     assert "\n" not in str(error.value)
 
 
@@ -283,9 +277,9 @@ class BatchDependent(nn.Module):
 
 def test_a_file_that_does_not_reproduce_is_refused(tmp_path):
     with pytest.raises(ExportError, match=r"^export=torchscript, quantization=none: the reloaded file's logits differ"):
-        export(BatchDependent().eval(), torch.randn(1, IN), "torchscript", tmp_path)
+        export(BatchDependent().eval(), torch.randn(1, IN), "torchscript", tmp_path, option("fp32"))
 
 
 def test_unknown_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"export=tflite is not allowed: must be one of none, onnx, torchscript"):
-        export(nn.Linear(2, 2), torch.randn(1, 2), "tflite", tmp_path)
+        export(nn.Linear(2, 2), torch.randn(1, 2), "tflite", tmp_path, option("fp32"))

@@ -10,7 +10,6 @@ import torch.fx
 import torchvision
 
 from pqsweep import models
-from pqsweep.quantization import fx
 
 FACTORIES = ["small_cnn", "resnet18", "resnet18_cifar", "vgg16_bn", "alexnet", "mobilenet_v2", "shufflenet_v2"]
 INPUT_SIZES = {"alexnet": [64], "small_cnn": [8, 28, 32]}  # alexnet needs >= 63 px; the rest run at 32

@@ -23,10 +23,11 @@ def test_run_logs_metrics_params_tags_and_config(make_cfg):
     metrics = run_and_log(cfg)
 
     assert set(METRICS) - {"export_max_abs_diff"} == set(metrics)  # export=none
-    assert metrics["top1"] > 30  # ten classes: chance is 10 %, two epochs already learn digits
-    assert 0.5 <= metrics["sparsity"] <= 0.53  # int8 rounding may zero a few more weights, never fewer
+    # two epochs learn digits to 65.3 %; pruned to half, one epoch of fine-tuning and int8: measured 66.9 %
+    assert metrics["top1"] >= metrics["baseline_top1"] - 2
+    assert 0.5 <= metrics["sparsity"] <= 0.501  # int8 rounding may zero a few more weights, never fewer
     assert metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
-    assert metrics["reduction_factor"] > 2.5  # int8 weights; small layers keep some fp32 overhead
+    assert 2.55 < metrics["reduction_factor"] < 2.75  # int8 weights; measured 2.65: fp32 biases, scales, framing
 
     (trial,) = runs(cfg, "trial")
     assert trial.info.status == "FINISHED"
@@ -57,7 +58,7 @@ def test_second_run_reuses_the_baseline_and_logs_it_once(make_cfg):
     assert len(trials) == 2
     assert {t.data.tags["baseline_cached"] for t in trials} == {"false", "true"}
     assert len(runs(make_cfg(), "baseline")) == 1
-    assert second["size_mb"] < 0.6 * runs(make_cfg(), "baseline")[0].data.metrics["size_mb"]
+    assert second["size_mb"] < 0.53 * runs(make_cfg(), "baseline")[0].data.metrics["size_mb"]  # fp16: 0.524
 
 
 def test_a_failing_run_is_recorded_as_failed(make_cfg):

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import copy
 import io
-import itertools
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pqsweep import measure, models, weights
-from pqsweep.quantization import fx
+from pqsweep import measure, models
 from pqsweep.quantization.pt2e import Int8Pt2e, static_int8_pt2e
 from pqsweep.train import Context
 
-from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet
+from nets import batches, compose_cfg, context, outputs, wide_convnet
 
 
 ONEDNN_INT8 = {"onednn.qconv_pointwise.default", "onednn.qconv2d_pointwise.binary", "onednn.qlinear_pointwise.default"}
@@ -30,24 +28,20 @@ def quant_cfg(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def context(digits) -> Context:
-    batches = list(itertools.islice(DataLoader(digits.train, batch_size=64), 4))
-    return calibration_context(batches)
+def calibration(digits) -> Context:
+    return context(batches(digits.train, 4))
 
 
 @pytest.fixture(scope="module")
-def trained(digits) -> dict[str, nn.Module]:
-    """Both nets after a few epochs on digits (about 95-97 % test top-1), so logits have real structure."""
-    nets = {}
-    for name, build, epochs in [("small_cnn", small_cnn, 8), ("wide_convnet", wide_convnet, 2)]:
-        nets[name] = train_briefly(build(), digits.train, epochs)
-    return nets
+def trained(trained_cnn, trained_wide) -> dict[str, nn.Module]:
+    """Both nets trained on digits (94.7 and 96.9 % test top-1), so logits have real structure."""
+    return {"small_cnn": trained_cnn, "wide_convnet": trained_wide}
 
 
 @pytest.fixture(scope="module")
-def deployed(trained, context) -> dict[tuple[str, str], Int8Pt2e]:
+def deployed(trained, calibration) -> dict[tuple[str, str], Int8Pt2e]:
     return {(name, granularity): static_int8_pt2e(model, quant_cfg(f"quantization.granularity={granularity}"),
-                                                  context)
+                                                  calibration)
             for name, model in trained.items() for granularity in ("per_channel", "per_tensor")}
 
 
@@ -68,7 +62,7 @@ def test_predictions_agree_with_fp32(trained, deployed, held_out_images, name, g
     logits = outputs(model, held_out_images)
     assert logits.dtype == torch.float32 and logits.shape == (len(held_out_images), 10)
     agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
-    assert agreement >= 0.97  # measured 99.2-100 %; a mis-scaled or misplaced weight changes most predictions
+    assert agreement >= 0.99  # measured 99.7-100 % of 360; a mis-scaled or misplaced weight changes most predictions
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
@@ -79,20 +73,22 @@ def test_runs_on_onednn_int8_kernels(deployed, name, granularity):
     assert not used & FLOAT_KERNELS  # no convolution or matmul left in float
 
 
-@pytest.mark.parametrize("name, layers", [("small_cnn", 4), ("wide_convnet", 4)])
-def test_state_dict_stores_int8_weights(trained, deployed, name, layers):
+# BatchNorm folded into the conv before it: BN's weight and bias (2 C) go, and a conv without a bias gains one (C).
+# wide_convnet: conv1 (no bias, 32 channels) -32, conv2 (64, with a bias) -128; small_cnn has no BatchNorm.
+@pytest.mark.parametrize("name, folded", [("small_cnn", 0), ("wide_convnet", 32 + 2 * 64)])
+def test_state_dict_stores_int8_weights(trained, deployed, name, folded):
     state = deployed[name, "per_channel"].state_dict()
     weights = {k: v for k, v in state.items() if k.endswith(".weight")}
-    assert len(weights) == layers and all(v.dtype == torch.int8 for v in weights.values())
+    assert len(weights) == 4 and all(v.dtype == torch.int8 for v in weights.values())
     assert all(v.dtype != torch.float32 or v.dim() <= 1 for v in state.values())  # no float weight left behind
-    assert measure.parameter_counts(deployed[name, "per_channel"])["params_total"] > 0.99 * \
-        measure.parameter_counts(trained[name])["params_total"] - 200  # BatchNorm folded: at most 2 C per BN fewer
+    assert measure.parameter_counts(deployed[name, "per_channel"])["params_total"] == \
+        measure.parameter_counts(trained[name])["params_total"] - folded
 
 
 def test_size_is_a_quarter_of_fp32(trained, deployed):
     ratio = measure.sizes(deployed["wide_convnet", "per_channel"])["size_mb"] / \
         measure.sizes(trained["wide_convnet"])["size_mb"]
-    assert 0.22 <= ratio <= 0.30  # measured 0.258: int8 weights plus fp32 biases, scales and file framing
+    assert 0.25 <= ratio <= 0.27  # measured 0.261: int8 weights plus fp32 biases, scales and file framing
 
 
 @pytest.mark.parametrize("granularity, ops, scales", [
@@ -111,11 +107,11 @@ def test_granularity_sets_the_weight_qscheme(deployed, granularity, ops, scales)
             assert scale.numel() == (weight.shape[0] if scales == "channels" else 1)
 
 
-def test_reloads_with_identical_outputs(trained, deployed, context, held_out_images):
+def test_reloads_with_identical_outputs(trained, deployed, calibration, held_out_images):
     model = deployed["wide_convnet", "per_channel"]
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    other = static_int8_pt2e(wide_convnet().eval(), quant_cfg(), context)  # same graph, other weights
+    other = static_int8_pt2e(wide_convnet().eval(), quant_cfg(), calibration)  # same graph, other weights
     assert not torch.equal(outputs(other, held_out_images), outputs(model, held_out_images))
     other.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     assert torch.equal(outputs(other, held_out_images), outputs(model, held_out_images))
@@ -124,9 +120,8 @@ def test_reloads_with_identical_outputs(trained, deployed, context, held_out_ima
 def test_resnet18_cifar_any_batch_size():
     torch.manual_seed(0)
     model = models.resnet18_cifar(num_classes=10, in_channels=3).eval()
-    batches = [(torch.randn(8, 3, 32, 32), None) for _ in range(2)]
-    context = calibration_context(batches)
-    quantized = static_int8_pt2e(model, quant_cfg("quantization.calibration_batches=2"), context)
+    noise = [(torch.randn(8, 3, 32, 32), None) for _ in range(2)]
+    quantized = static_int8_pt2e(model, quant_cfg("quantization.calibration_batches=2"), context(noise))
     assert ONEDNN_INT8 <= kernels(quantized) and not kernels(quantized) & FLOAT_KERNELS
     weights = [v for k, v in quantized.state_dict().items() if k.endswith(".weight")]
     assert len(weights) == 21 and all(w.dtype == torch.int8 for w in weights)  # 20 convs and the fc
@@ -136,7 +131,8 @@ def test_resnet18_cifar_any_batch_size():
         expected, got = outputs(model, x), outputs(quantized, x)
         assert got.shape == (batch, 10) and got.dtype == torch.float32
         # an untrained net on noise: no argmax to compare, but int8 logits stay within a few % of the fp32 ones
-        assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
+        # (measured 2.3-2.8 %)
+        assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 def test_copies_and_edits_of_the_stored_weights_reach_the_kernels(deployed, held_out_images):

@@ -1,25 +1,24 @@
-"""Each stage alone on a toy model: pruning, quantization, measurement and the baseline cache."""
+"""Each stage alone on a toy model: pruning, fine-tuning after it, quantization, measurement and the baseline cache."""
 
 from __future__ import annotations
 
 import copy
 import io
-import itertools
 import logging
 
 import pytest
 import torch
+from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqsweep import measure, models, pipeline, weights
-from pqsweep.pruning import unstructured
-from pqsweep.quantization import cast, fx
 from pqsweep.cache import BaselineCache, baseline_key
+from pqsweep.pruning import unstructured
 
-from nets import calibration_context, compose_cfg, outputs, small_cnn, train_briefly, wide_convnet
+from nets import batches, compose_cfg, context, loader, option, outputs, quantize, small_cnn, top1, wide_convnet
 
 
 # --- pruning ---------------------------------------------------------------------------------------------------
@@ -110,38 +109,60 @@ def test_masks_keep_pruned_weights_at_zero_after_an_optimizer_step():
     assert measure.parameter_counts(model)["sparsity"] == pytest.approx(0.9, abs=0.01)
 
 
+# --- fine-tuning after pruning: pipeline.prune_and_finetune ---------------------------------------------------
+
+
+def prune_with(trained: nn.Module, digits, *overrides: str) -> tuple[nn.Module, nn.Module]:
+    """(the pruner's output alone, what pipeline.prune_and_finetune makes of the same model) for these overrides."""
+    cfg = compose_cfg(*overrides)
+    alone = get_method(cfg.pruning._target_)(copy.deepcopy(trained), cfg.pruning, None)
+    tuned = pipeline.prune_and_finetune(cfg, copy.deepcopy(trained), context(loader(digits.train, shuffle=True),
+                                                                             cfg.train))
+    return alone, tuned
+
+
+def test_fine_tuning_after_pruning_recovers_accuracy_and_keeps_the_zeros(trained_wide, digits):
+    alone, tuned = prune_with(trained_wide, digits, "pruning=global_magnitude", "pruning.amount=0.95",
+                              "train.finetune_epochs=1")
+    # the zeros are the pruner's, and stay zero through the optimizer steps
+    masks, held = weights.zero_masks(alone), weights.zero_masks(tuned)
+    assert all(torch.equal(masks[name], held[name]) for name in masks)
+    assert measure.parameter_counts(tuned)["sparsity"] == pytest.approx(0.95, abs=1e-4)
+    # the survivors moved, and that bought accuracy back: measured 82.2 % pruned alone -> 94.2 % after one epoch
+    assert not all(torch.equal(a.weight, t.weight) for (_, a), (_, t) in
+                   zip(weights.prunable_layers(alone), weights.prunable_layers(tuned)))
+    assert top1(tuned, digits.test) >= top1(alone, digits.test) + 10
+
+
+@pytest.mark.parametrize("overrides", [
+    ["pruning=global_magnitude", "pruning.amount=0.95", "train.finetune_epochs=0"],  # asked for none
+    ["pruning=none", "train.finetune_epochs=1"],  # nothing was removed: nothing to recover
+])
+def test_no_fine_tuning_when_none_is_asked_for_or_nothing_was_pruned(trained_wide, digits, overrides):
+    alone, tuned = prune_with(trained_wide, digits, *overrides)
+    assert all(torch.equal(value, tuned.state_dict()[key]) for key, value in alone.state_dict().items())
+
+
 # --- quantization ----------------------------------------------------------------------------------------------
 
-QUANTIZERS = {
-    "none": cast.fp32,
-    "fp16": cast.fp16,
-    "dynamic_int8": fx.dynamic_int8,
-    "static_int8": fx.static_int8,
-}
+QUANTIZERS = ["none", "fp16", "dynamic_int8", "static_int8"]
 
 
 def quantized(name: str, model: nn.Module, calibration, *overrides: str) -> nn.Module:
-    """Quantize with the real `quantization=<name>` option (plus overrides), as the pipeline does."""
-    cfg = compose_cfg(f"quantization={name}", *overrides).quantization
-    return QUANTIZERS[name](model, cfg, calibration_context(calibration))
+    """Quantize with the real `quantization=<name>` option (plus `quantization.` overrides), as the pipeline does."""
+    return quantize(name, model, context(calibration), *overrides)
 
 
 @pytest.fixture(scope="module")
 def calibration(digits):
     """The first two training batches, the same whichever test asks first."""
-    return list(itertools.islice(DataLoader(digits.train, batch_size=64), 2))
+    return batches(digits.train, 2)
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
-    """wide_convnet after two epochs on digits (about 97 % test accuracy): logits with real structure."""
-    return train_briefly(wide_convnet(), digits.train, epochs=2)
-
-
-@pytest.fixture(scope="module")
-def deployed(trained, calibration):
+def deployed(trained_wide, calibration):
     """Every quantization option applied once to the trained model."""
-    return {name: quantized(name, trained, calibration) for name in QUANTIZERS}
+    return {name: quantized(name, trained_wide, calibration) for name in QUANTIZERS}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +170,9 @@ def held_out_images(digits):
     return next(iter(DataLoader(digits.test, batch_size=len(digits.test))))[0]
 
 
-@pytest.mark.parametrize("name, low, high", [("none", 1.0, 1.0), ("fp16", 0.45, 0.55), ("static_int8", 0.22, 0.32)])
+# measured 0.503, 0.306 (the convs stay float32) and 0.262 (int8, with float32 biases, scales and file framing)
+@pytest.mark.parametrize("name, low, high", [("none", 1.0, 1.0), ("fp16", 0.49, 0.52), ("dynamic_int8", 0.29, 0.32),
+                                             ("static_int8", 0.25, 0.28)])
 def test_size_follows_the_storage_precision(deployed, name, low, high):
     ratio = measure.sizes(deployed[name])["size_mb"] / measure.sizes(deployed["none"])["size_mb"]
     assert low <= ratio <= high
@@ -165,15 +188,16 @@ def test_static_int8_stores_int8_weights(deployed):
     assert all(w.dtype == torch.qint8 for w in weights)
 
 
-@pytest.mark.parametrize("name, min_agreement", [("none", 1.0), ("fp16", 0.99), ("dynamic_int8", 0.98),
-                                                 ("static_int8", 0.97)])
+@pytest.mark.parametrize("name, min_agreement", [("none", 1.0), ("fp16", 0.995), ("dynamic_int8", 0.99),
+                                                 ("static_int8", 0.99)])
 def test_quantized_outputs_agree_with_fp32(deployed, held_out_images, name, min_agreement):
     reference = outputs(deployed["none"], held_out_images)
     logits = outputs(deployed[name], held_out_images)
     assert logits.dtype == torch.float32 and logits.shape == (len(held_out_images), 10)
     # The net is about 97 % accurate on these 360 images. Rounding the weights (and, for int8, the activations)
     # to 16 or 8 bits moves a logit by much less than the gap between the top two on all but a handful of
-    # images (we measured 99.7-100 % agreement); a mis-scaled or unfused layer changes most predictions.
+    # images (we measured 99.7-100 % agreement: at most one of 360 flips); a mis-scaled or unfused layer changes
+    # most predictions.
     agreement = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
     assert agreement >= min_agreement
 
@@ -195,10 +219,9 @@ def test_dynamic_int8_quantizes_linear_layers_only(deployed):
     ("qnnpack", True),
     ("qnnpack", False),
 ])
-def test_granularity_sets_the_weight_qscheme(trained, calibration, engine, per_channel):
+def test_granularity_sets_the_weight_qscheme(trained_wide, calibration, engine, per_channel):
     granularity = "per_channel" if per_channel else "per_tensor"
-    model = quantized("static_int8", trained, calibration,
-                      f"quantization.engine={engine}", f"quantization.granularity={granularity}")
+    model = quantized("static_int8", trained_wide, calibration, f"engine={engine}", f"granularity={granularity}")
     expected = torch.per_channel_affine if per_channel else torch.per_tensor_affine
     layers = [m for m in model.modules() if callable(getattr(m, "weight", None))]
     assert len(layers) == 4
@@ -209,9 +232,10 @@ def test_granularity_sets_the_weight_qscheme(trained, calibration, engine, per_c
 @pytest.mark.parametrize("name", ["dynamic_int8", "static_int8"])
 def test_unsupported_engine_is_a_clear_error(name):
     # composition refuses names outside the Engine enum; this is the guard for a build without the engine
+    quantizer = get_method(option("quantization", name)._target_)
     cfg = OmegaConf.create({"engine": "foo", "granularity": "per_channel", "calibration_batches": 1})
     with pytest.raises(RuntimeError, match=r"quantization\.engine=foo: not supported .*supported: .*x86"):
-        QUANTIZERS[name](small_cnn(), cfg, calibration_context([]))
+        quantizer(small_cnn(), cfg, context([]))
 
 
 # --- measure ---------------------------------------------------------------------------------------------------
@@ -226,11 +250,11 @@ def test_parameter_counts_see_through_quantization(name):
         measure.parameter_counts(model)["params_total"]
 
 
-def test_parameter_counts_after_conv_bn_folding(trained, deployed):
+def test_parameter_counts_after_conv_bn_folding(trained_wide, deployed):
     # static_int8 folds each BatchNorm into the conv before it: BN's weight and bias (2 C) vanish, and a conv
     # without a bias gains one (C). Here conv1 has no bias (net -32) and conv2 has one (-2 * 64).
     folded = 32 + 2 * 64
-    float_total = measure.parameter_counts(trained)["params_total"]
+    float_total = measure.parameter_counts(trained_wide)["params_total"]
     assert measure.parameter_counts(deployed["static_int8"])["params_total"] == float_total - folded
     assert measure.parameter_counts(deployed["dynamic_int8"])["params_total"] == float_total
 
@@ -242,7 +266,7 @@ def test_sparsity_survives_int8_quantization(calibration):
     model = wide_convnet().eval()
     unstructured.global_magnitude(model, OmegaConf.create({"amount": 0.9}))
     sparsity = measure.parameter_counts(quantized("static_int8", model, calibration))["sparsity"]
-    assert 0.9 - 1e-4 <= sparsity < 0.95  # 0.9 of the weights, rounded to whole weights
+    assert 0.9 - 1e-4 <= sparsity < 0.9 + 1e-3  # 0.9 of the weights, rounded to whole weights (measured 0.900001)
 
 
 def hooked_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -294,9 +318,10 @@ def test_gzip_size_rewards_zeros():
     dense_sizes, sparse_sizes = measure.sizes(dense), measure.sizes(sparse)
     # zeros are stored densely: the raw file keeps its size (up to the zip container's alignment padding)
     assert sparse_sizes["size_mb"] == pytest.approx(dense_sizes["size_mb"], rel=0.01)
-    assert sparse_sizes["size_gzip_mb"] < 0.5 * sparse_sizes["size_mb"]
-    assert sparse_sizes["size_gzip_mb"] < 0.5 * dense_sizes["size_gzip_mb"]
-    assert dense_sizes["size_mb"] == pytest.approx(18_346 * 4 / 1e6, rel=0.1)  # fp32 weights plus pickle framing
+    # measured 0.14 of the raw file and 0.15 of the dense file's gzip: zeros compress, random floats do not
+    assert sparse_sizes["size_gzip_mb"] < 0.2 * sparse_sizes["size_mb"]
+    assert sparse_sizes["size_gzip_mb"] < 0.2 * dense_sizes["size_gzip_mb"]
+    assert dense_sizes["size_mb"] == pytest.approx(18_346 * 4 / 1e6, rel=0.06)  # fp32 weights plus 4 % framing
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -304,9 +329,18 @@ def test_latency_percentiles(threads):
     before = torch.get_num_threads()
     result = measure.latency(small_cnn(), torch.randn(1, 1, 28, 28), threads=threads, warmup=2, repeats=5)
     assert 0 < result["latency_ms_p50"] <= result["latency_ms_p90"]
-    assert result["latency_ms_p90"] < 1000  # a batch-1 forward of an 18 k-parameter net, in ms
     assert result["latency_threads"] == threads
     assert torch.get_num_threads() == before  # the fixed thread count is the measurement's only
+
+
+def test_latency_ranks_a_slow_model_above_a_trivial_one():
+    # Both in one process, as a ratio: the machine is noisy, absolute times mean nothing. resnet18_cifar does 1,860x
+    # the MACs of small_cnn; measured 175-200x the time. A timer that times anything but the forward pass sees ~1x.
+    torch.manual_seed(0)
+    slow = measure.latency(models.resnet18_cifar(num_classes=10, in_channels=3).eval(), torch.randn(1, 3, 32, 32),
+                           threads=1, warmup=2, repeats=5)
+    fast = measure.latency(small_cnn(), torch.randn(1, 1, 32, 32), threads=1, warmup=2, repeats=5)
+    assert slow["latency_ms_p50"] > 50 * fast["latency_ms_p50"]
 
 
 def fixed_loader(logits: list[list[float]], labels: list[int], batch_size: int) -> DataLoader:

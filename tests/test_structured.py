@@ -3,50 +3,46 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch_pruning as tp
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from pqsweep import measure, weights
 from pqsweep.pruning import structured
-from pqsweep.config import register
 from pqsweep.train import Context
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-MODEL_NAMES = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+from nets import RecordingContext, compose_cfg, context, loader, option, options
+
 # The smallest input each model runs on: 8x8 grey digits for the small CNN, 32x32 RGB (CIFAR, `fake`) for the
 # rest, but AlexNet, whose stride-4 stem and three max-pools need 63 px.
 INPUT = {"cnn": (1, 8), "alexnet": (3, 63)}
-register()
 
 
-def compose_cfg(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR)):
-        return compose("config", overrides=["train.finetune_epochs=1", *overrides])
+def pruning_cfg(*overrides: str) -> DictConfig:
+    """The config with one epoch of fine-tuning and these overrides."""
+    return compose_cfg("train.finetune_epochs=1", *overrides)
 
 
 def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """The model as `model=<name>` builds it for 10 classes, and a batch-1 input it runs on."""
     channels, size = INPUT.get(name, (3, 32))
     torch.manual_seed(seed)
-    factory = get_method(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")._target_)
+    factory = get_method(option("model", name)._target_)
     model = factory(num_classes=10, in_channels=channels, pretrained=False).eval()
     return model, torch.randn(1, channels, size, size)
 
 
-def context(example: torch.Tensor, cfg: DictConfig, samples: int = 4) -> Context:
+def noise_context(example: torch.Tensor, cfg: DictConfig, samples: int = 4,
+                  kind: type[Context] = Context) -> Context:
     """A Context whose training loader is a few random images of the model's input shape."""
     torch.manual_seed(1)
     data = TensorDataset(torch.randn(samples, *example.shape[1:]), torch.randint(0, 10, (samples,)))
-    loader = DataLoader(data, batch_size=2)
-    return Context({"train": loader, "val": loader, "test": loader}, example, cfg.train)
+    return context(loader(data, batch_size=2), cfg.train, example=example, kind=kind)
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,24 +54,32 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name, min_ratio", [("resnet18_cifar", 1.8), ("shufflenet_v2", 1.5)])
+# Half the filters of every layer halve both the inputs and the outputs of the next: 4x fewer MACs, less where the
+# stem's input channels or a block's shuffled channels stay whole. Measured 3.99x and 1.81x (ShuffleNetV2 prunes only
+# the inner channels of each block's second branch, and conv5).
+@pytest.mark.parametrize("name, min_ratio", [("resnet18_cifar", 3.9), ("shufflenet_v2", 1.75)])
 def test_l1_filter_at_half_cuts_macs(name, min_ratio):
     model, x = build(name)
     before = measure.macs(model, x)
-    cfg = compose_cfg("pruning=l1_filter", "pruning.amount=0.5")
-    after = measure.macs(structured.l1_filter(model, cfg.pruning, context(x, cfg)), x)
+    cfg = pruning_cfg("pruning=l1_filter", "pruning.amount=0.5")
+    after = measure.macs(structured.l1_filter(model, cfg.pruning, noise_context(x, cfg)), x)
     assert before / after >= min_ratio, f"{name}: MACs {before:.4g} -> {after:.4g}"
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+# What is left of the parameters at half the filters: 0.25 where every layer's inputs and outputs halve (measured
+# 0.250-0.263), 0.53 for ShuffleNetV2, whose block inputs and outputs stay whole.
+KEPT_PARAMS = {"shufflenet_v2": 0.55}
+
+
+@pytest.mark.parametrize("name", options("model"))
 def test_pruned_model_runs_finetunes_saves_and_reloads(name, tmp_path):
     model, x = build(name)
     params = n_params(model)
-    cfg = compose_cfg("pruning=l1_filter", "pruning.amount=0.5")
-    ctx = context(x, cfg)
+    cfg = pruning_cfg("pruning=l1_filter", "pruning.amount=0.5")
+    ctx = noise_context(x, cfg)
     model = structured.l1_filter(model, cfg.pruning, ctx)
 
-    assert n_params(model) < 0.6 * params  # removed, not zeroed: the tensors themselves are smaller
+    assert n_params(model) < KEPT_PARAMS.get(name, 0.27) * params  # removed, not zeroed: the tensors are smaller
     assert outputs(model, x).shape == (1, 10)  # every class kept
     first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
     weight = first.weight.detach().clone()
@@ -101,9 +105,9 @@ def test_kept_filters_are_those_with_the_largest_l1_norms(name, layer):
 def test_layer_amounts_override_amount_for_the_named_layers(tmp_path):
     path = tmp_path / "amounts.yaml"
     path.write_text("layer1.0.conv1: 0.25\nfc: 0.9\n")  # the classifier keeps its classes whatever is asked
-    cfg = compose_cfg("pruning=l1_filter", "pruning.amount=0.5", f"pruning.layer_amounts={path}")
+    cfg = pruning_cfg("pruning=l1_filter", "pruning.amount=0.5", f"pruning.layer_amounts={path}")
     model, x = build("resnet18_cifar")
-    structured.l1_filter(model, cfg.pruning, context(x, cfg))
+    structured.l1_filter(model, cfg.pruning, noise_context(x, cfg))
     assert model.layer1[0].conv1.out_channels == 48
     assert model.layer1[1].conv1.out_channels == 32
     assert model.fc.out_features == 10
@@ -157,8 +161,8 @@ def test_every_layer_keeps_a_channel_when_the_fraction_rounds_to_all():
 def test_amount_zero_is_a_no_op():
     model, x = build("resnet18_cifar")
     state = copy.deepcopy(model.state_dict())
-    cfg = compose_cfg("pruning=l1_filter", "pruning.amount=0")
-    structured.l1_filter(model, cfg.pruning, context(x, cfg))
+    cfg = pruning_cfg("pruning=l1_filter", "pruning.amount=0")
+    structured.l1_filter(model, cfg.pruning, noise_context(x, cfg))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
@@ -168,30 +172,22 @@ def test_bad_scope_is_refused():
         structured.prune_filters(model, x, 0.5, scope="all")
 
 
-class RecordingContext(Context):
-    """Records the model's (parameters, zero weights) whenever it is fine-tuned, in `seen`."""
-
-    def finetune(self, model, epochs=None, lr=None, desc="finetune"):
-        self.seen.append((n_params(model), weights.footprint(model)[1]))
-        return super().finetune(model, epochs, lr, desc)
-
-
 @pytest.mark.parametrize("structured_amount", [0.5, 0.0])
 def test_structured_unstructured_prunes_filters_then_fine_tunes_then_weights(structured_amount):
     model, x = build("cnn")
     params = n_params(model)
-    cfg = compose_cfg("pruning=structured_unstructured", f"pruning.structured={structured_amount}",
+    cfg = pruning_cfg("pruning=structured_unstructured", f"pruning.structured={structured_amount}",
                       "pruning.unstructured=0.75")
-    plain = context(x, cfg)
-    ctx = RecordingContext(plain.loaders, plain.example, plain.train_cfg)
-    ctx.seen = []
+    ctx = noise_context(x, cfg, kind=RecordingContext)
     model = structured.structured_unstructured(model, cfg.pruning, ctx)
 
     total, zeros = weights.footprint(model)
     assert zeros == int(round(0.75 * total))  # the asked sparsity, of the weights that survived the first stage
     if structured_amount:
         # Fine-tuned once between the stages: filters already gone, no weight zeroed yet.
-        assert len(ctx.seen) == 1 and ctx.seen[0][0] == n_params(model) < 0.5 * params and ctx.seen[0][1] == 0
+        (seen,) = ctx.seen
+        assert weights.footprint(seen)[1] == 0
+        assert n_params(seen) == n_params(model) < 0.27 * params  # half the filters: 0.26 of the parameters left
     else:
         assert ctx.seen == [] and n_params(model) == params
     assert outputs(model, x).shape == (1, 10)

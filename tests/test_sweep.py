@@ -49,7 +49,7 @@ def test_grid_multirun_logs_children_under_one_parent_and_trains_once(tmp_path):
     assert len(baselines) == 1
 
     report = subprocess.run(
-        [sys.executable, "-m", "pqsweep.report", "adhoc", "--uri", f"sqlite:///{tmp_path}/mlflow.db",
+        [sys.executable, "-m", "pqsweep.reports.table", "adhoc", "--uri", f"sqlite:///{tmp_path}/mlflow.db",
          "--csv", str(tmp_path / "table.csv")],
         capture_output=True, text=True, check=True,
     )

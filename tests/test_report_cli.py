@@ -1,0 +1,137 @@
+"""pqsweep-report as a person uses it: which sweep it shows, how rows are ordered and aligned, what it says when
+there is nothing to show."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import mlflow
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pqsweep.reports import table
+
+
+def log_sweep(client, experiment, name, trials, baseline_hashes=("b" * 16,)):
+    """A parent run and its trial children; `trials` are (params, metrics) pairs. Returns the parent's id."""
+    parent = client.create_run(experiment, tags={"stage": "sweep", "sweep": name}).info.run_id
+    for i, (params, metrics) in enumerate(trials):
+        tags = {"stage": "trial", "sweep": name, "mlflow.parentRunId": parent,
+                "baseline_hash": baseline_hashes[i % len(baseline_hashes)]}
+        run = client.create_run(experiment, tags=tags).info.run_id
+        client.log_batch(run, params=[Param(k, v) for k, v in params.items()],
+                         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+        client.set_terminated(run, "FINISHED")
+    return parent
+
+
+def point(amount, quantization, bits, top1=90.0):
+    params = {"pruning": "global_magnitude", "pruning.amount": amount, "quantization": quantization,
+              "quantization.bits": bits}
+    return params, {"top1": top1}
+
+
+@pytest.fixture
+def client(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient(), uri
+
+
+def body(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("pruning"))
+    return [line.split() for line in lines[start + 2:]]
+
+
+def test_the_newest_sweep_of_a_name_is_shown(client, capsys):
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    log_sweep(client, experiment, "grid", [point("0.5", "none", "32", top1=11.0)])
+    time.sleep(0.01)  # start times differ
+    newest = log_sweep(client, experiment, "grid", [point("0.5", "none", "32", top1=22.0),
+                                                   point("0.9", "none", "32", top1=33.0)])
+    log_sweep(client, experiment, "other", [point("0.5", "none", "32", top1=44.0)])
+    table.main(["grid", "--uri", uri])
+    out = capsys.readouterr().out
+    assert f"sweep grid: 2 trials under MLflow run {newest}" in out
+    assert [row[5] for row in body(out)] == ["22.00", "33.00"]
+
+
+def test_rows_sort_by_amount_then_precision_then_option_name(client, tmp_path):
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    points = [point("0.5", "static_int8", "8"), point("0.5", "fp16", "16"), point("0.0", "mixed", "8"),
+              point("0.5", "bf16", "16"), point("0.0", "none", "32")]
+    log_sweep(client, experiment, "grid", points)
+    table.main(["grid", "--uri", uri, "--csv", str(tmp_path / "t.csv")])
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [(r[1], r[3]) for r in rows] == [("0.0", "none"), ("0.0", "mixed"), ("0.5", "bf16"), ("0.5", "fp16"),
+                                            ("0.5", "static_int8")]
+
+
+def test_cells_are_right_aligned_in_columns_as_wide_as_their_widest_entry():
+    assert table.render(["a", "bb", "c"], [["ccc", "d", "e"], ["f", "gg", "hhhh"]]) == (
+        "  a  bb     c\n"
+        "---  --  ----\n"
+        "ccc   d     e\n"
+        "  f  gg  hhhh")
+    assert table.render(["a", "bb"], []) == "a  bb\n-  --"
+
+
+def test_a_value_a_run_did_not_log_is_a_dash(client, capsys):
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    log_sweep(client, experiment, "grid", [point("0.5", "static_int8", "8", top1=9.5)])  # only top1 logged
+    table.main(["grid", "--uri", uri])
+    (cells,) = body(capsys.readouterr().out)
+    assert cells[5] == "9.50" and cells[2] == "-" and cells[6:13] == ["-"] * 7 and cells[-1] == "FINISHED"
+
+
+def test_no_baseline_line_when_the_trials_have_several_baselines(client, capsys):
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    log_sweep(client, experiment, "grid", [point("0.0", "none", "32"), point("0.5", "none", "32")],
+              baseline_hashes=("a" * 16, "b" * 16))
+    for key in ("a" * 16, "b" * 16):
+        run = client.create_run(experiment, tags={"stage": "baseline", "baseline_hash": key}).info.run_id
+        client.log_batch(run, metrics=[Metric(k, 1.0, 0, 0) for k in ("top1", "size_mb", "size_gzip_mb",
+                                                                       "latency_ms_p50")])
+    table.main(["grid", "--uri", uri])
+    assert "baseline (fp32, dense)" not in capsys.readouterr().out
+
+
+def test_the_baseline_line_is_the_trials_own_baseline(client, capsys):
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    log_sweep(client, experiment, "grid", [point("0.0", "none", "32")], baseline_hashes=("b" * 16,))
+    for key, top1 in (("a" * 16, 11.0), ("b" * 16, 22.0)):
+        run = client.create_run(experiment, tags={"stage": "baseline", "baseline_hash": key}).info.run_id
+        client.log_batch(run, metrics=[Metric("top1", top1, 0, 0)] + [Metric(k, 1.0, 0, 0) for k in
+                                                                        ("size_mb", "size_gzip_mb", "latency_ms_p50")])
+    table.main(["grid", "--uri", uri])
+    assert "baseline (fp32, dense): top1 22.00%" in capsys.readouterr().out
+
+
+def test_a_store_without_the_experiment_or_the_sweep_says_so(client):
+    client, uri = client
+    with pytest.raises(SystemExit, match=r"^pqsweep-report: no experiment 'pqsweep' at sqlite:///"):
+        table.main(["grid", "--uri", uri])
+    experiment = client.create_experiment("mine")
+    log_sweep(client, experiment, "grid", [point("0.0", "none", "32")])
+    with pytest.raises(SystemExit, match=r"^pqsweep-report: no sweep 'nope' in experiment 'mine' at sqlite:///"):
+        table.main(["nope", "--uri", uri, "--experiment", "mine"])
+    table.main(["grid", "--uri", uri, "--experiment", "mine"])  # found where --experiment says
+
+
+def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    log_sweep(client, client.create_experiment("pqsweep"), "grid", [point("0.0", "none", "32")])
+    mlflow.set_tracking_uri("file:///nowhere")  # main must set the URI itself
+    table.main(["grid"])
+    assert "sweep grid: 1 trials" in capsys.readouterr().out
