@@ -197,3 +197,36 @@ def test_fake_shapes_and_splits():
     check_items(splits, (3, 24, 24))
     assert_disjoint(splits)  # FakeData's offsets keep the splits apart
     check_items(build("dataset=fake", "dataset.num_samples=20", "dataset.resize=40"), (3, 40, 40))
+
+
+# --- what the builders default to (each test kills a mutant of data.py that the tests above let live) ----------
+
+
+def test_imagenet_is_evaluated_at_224_after_the_standard_256_resize_and_centre_crop(tmp_path):
+    from PIL import Image
+    from torchvision import transforms
+
+    write_image_folder(tmp_path)
+    splits = build("dataset=imagenet", f"dataset.root={tmp_path}")  # no dataset.resize: the ImageNet default
+    check_items(splits, (3, 224, 224))
+    path, _ = splits.test.samples[0]
+    stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize(*stats)])(Image.open(path).convert("RGB"))
+    assert torch.equal(splits.test[0][0], expected)
+
+
+@pytest.mark.parametrize("option, what", [("cifar10", "CIFAR-10"), ("mnist", "MNIST"),
+                                          ("fashion_mnist", "Fashion-MNIST"), ("imagenet", "ImageNet")])
+def test_a_missing_root_names_the_data_set_it_expected(tmp_path, option, what):
+    with pytest.raises(FileNotFoundError, match=f": no {re.escape(what)} files there"):
+        build(f"dataset={option}", f"dataset.root={tmp_path / 'nowhere'}")
+
+
+def test_fake_images_are_centred_and_keep_at_least_one_validation_image():
+    splits = build("dataset=fake", "dataset.num_samples=10", "dataset.val_fraction=0.01", "dataset.num_classes=3")
+    assert sizes(splits) == (7, 1, 2)  # 0.01 of 8 rounds to none; one is kept
+    pixels = torch.stack([image for image, _ in splits.train])
+    assert -1.0 <= pixels.min() < -0.95 and 0.95 < pixels.max() <= 1.0  # (x - 0.5) / 0.5 of pixels in [0, 1]
+    labels = {label for split in (splits.train, splits.val, splits.test) for _, label in split}
+    assert splits.num_classes == 3 and labels <= {0, 1, 2}
