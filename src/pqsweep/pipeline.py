@@ -53,8 +53,9 @@ def load_splits(cfg: DictConfig) -> DataSplits:
         if entry is not None:
             return DataSplits.from_tensors(entry)
         splits: DataSplits = get_method(cfg.dataset._target_)(cfg.dataset)
-        if splits.tensors() is not None:
-            cache.save(key, splits.tensors())
+        tensors = splits.tensors()
+        if tensors is not None:
+            cache.save(key, tensors)
     return splits
 
 
