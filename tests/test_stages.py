@@ -460,9 +460,9 @@ def test_baseline_cache_hits_and_misses_by_key(cache_cfg, tmp_path):
 
 def test_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
     cache = BaselineCache(tmp_path / "cache")
-    cache.save("k", {"state_dict": {"w": torch.ones(2)}})
+    cache.save("k", {"state_dict": {"w": torch.ones(2)}, "history": []})
     with pytest.raises(Exception):
-        cache.save("k", {"state_dict": {"w": torch.zeros(2)}, "unpicklable": lambda: None})
+        cache.save("k", {"state_dict": {"w": torch.zeros(2)}, "history": [], "unpicklable": lambda: None})
     assert torch.equal(cache.load("k")["state_dict"]["w"], torch.ones(2))
     assert [p.name for p in cache.dir.iterdir() if p.suffix == ".tmp"] == []
     assert cache.load("missing") is None

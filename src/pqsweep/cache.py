@@ -6,7 +6,9 @@ One mechanism, one file per entry (`<stage>-<key>.pt` under `cache.dir`), for ev
 - `data`: the splits of an in-memory data set (digits, mnist5k), so a run on them needs neither the parse nor the
   scikit-learn import of the split again.
 Writes are atomic, loads take tensors only (`weights_only`), and a file lock makes parallel trials that need the
-same entry compute it once.
+same entry compute it once. An entry that cannot be read back (truncated, garbage, empty, missing a field) is moved
+aside as `<name>.corrupt-<UTC time>` with one warning, and the stage computes it again. Entries and locks are created
+with the umask's permissions (not mkstemp's 0600), so a cache directory shared by a team is usable by all of it.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 # Fields that do not change the trained weights: where the data lives, and what happens after baseline training.
 NOT_IN_KEY = {
@@ -54,6 +60,7 @@ class StageCache:
     """The entries of one stage under `directory`."""
 
     stage = "stage"
+    fields: frozenset[str] = frozenset()  # what a reader of the entry takes from it
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
@@ -62,35 +69,77 @@ class StageCache:
         return self.dir / f"{self.stage}-{key}.pt"
 
     def load(self, key: str) -> dict | None:
+        """The entry, or None when there is none or it cannot be read back (then it is moved aside)."""
         path = self.path(key)
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            entry, problem = self._read(f)
+            if problem is None:
+                return entry
+            self._set_aside(path, os.fstat(f.fileno()), problem)
+            return None
+
+    def _read(self, f) -> tuple[dict | None, str | None]:
+        """(entry, None), or (None, what is wrong with the file)."""
+        try:
+            entry = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch's error depends on how the file is broken: EOFError, OSError, KeyError...
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            return None, f"{type(error).__name__}: {first_line[:200]}".removesuffix(": ")
+        if not isinstance(entry, dict):
+            return None, f"holds a {type(entry).__name__}, not a dict"
+        missing = self.fields - entry.keys()
+        return (None, f"lacks {', '.join(sorted(missing))}") if missing else (entry, None)
+
+    def _set_aside(self, path: Path, read: os.stat_result, reason: str) -> None:
+        """Move the unreadable file out of the way, keeping it for whoever wants to look at it.
+
+        The first lookup of `load_splits` runs outside the lock, so another process may already have replaced the
+        file with a good one: only the file this process read is moved.
+        """
+        aside = path.with_name(f"{path.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}")
+        try:
+            if os.stat(path).st_ino != read.st_ino:
+                return  # already replaced by a good entry
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return  # another process moved it first (and said so)
+        log.warning("cache entry %s is unreadable (%s); moved to %s, computing it again", path, reason, aside.name)
 
     def save(self, key: str, entry: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{key}.", suffix=".tmp")
+        tmp = self.dir / f".{self.stage}-{key}.{secrets.token_hex(4)}.tmp"
+        # os.open's mode goes through the umask (mkstemp's is a fixed 0600), so teammates can read the entry.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(entry, f)
             os.replace(tmp, self.path(key))  # atomic: readers see the old file or the whole new one
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Held while an entry is looked up, computed and saved, so concurrent trials compute it once."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / f".{self.stage}-{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        # Read-only is enough for flock, so a lock file a teammate created (0644 under umask 022) still opens.
+        fd = os.open(self.dir / f".{self.stage}-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 class BaselineCache(StageCache):
     stage = "baseline"
+    fields = frozenset({"state_dict", "history"})
 
 
 class DataCache(StageCache):
     stage = "data"
+    fields = frozenset({"train", "val", "test", "num_classes", "in_channels", "image_size"})
