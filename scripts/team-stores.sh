@@ -120,6 +120,7 @@ done
 python3 -c "import urllib.request as u; u.urlopen('http://$local:$mlflow_port/health', timeout=2)"
 trap - ERR
 
-printf '%s\n' "hydra.sweeper.storage=postgresql+psycopg://pqsweep:$password@$advertised:$pg_port/optuna" \
-  "tracking.uri=http://$advertised:$mlflow_port" | tee "$dir/urls"
+(umask 077  # the urls hold the password, like DIR/password
+ printf '%s\n' "hydra.sweeper.storage=postgresql+psycopg://pqsweep:$password@$advertised:$pg_port/optuna" \
+   "tracking.uri=http://$advertised:$mlflow_port" | tee "$dir/urls")
 say "started; stop with: $0 stop --dir $dir"
