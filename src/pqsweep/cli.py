@@ -37,7 +37,7 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
     """One run as an MLflow run (a child of the sweep's parent run in a multirun)."""
     from pqsweep.tracking import log_trial
 
-    trial = str(HydraConfig.get().job.num) if _multirun() else None
+    trial = str(HydraConfig.get().job.num) if _multirun() and cfg.study.trial is None else None
     return log_trial(cfg, trial_number=trial)
 
 

@@ -1,44 +1,440 @@
-"""hydra-optuna-sweeper, with what a compression study needs on top of it.
+"""pqsweep's sweeper: Hydra's Optuna sweeper plugin, with a study that persists, resumes and tells the truth.
 
-- A value fixed on the command line removes that key from the sweep file's grid. The plugin builds the
-  GridSampler's grid from the file's `params` *before* it drops parameters the command line fixes, so
-  `pqsweep -m sweep=<grid> quantization=static_int8` would run every other grid point once per (ignored)
-  quantization value.
-- A grid's size comes from its grid: `n_trials` is ignored for the grid sampler, so widening a grid never
-  silently drops points.
-- Optuna's directions come from the objectives (`study.objectives`; each metric knows whether higher is better,
-  `pqsweep.config.METRICS`), so a sweep file does not repeat them.
-Sweep files choose it with `override /hydra/sweeper: pqsweep` (conf/hydra/sweeper/pqsweep.yaml).
+It keeps the plugin's config (`hydra.sweeper.*`: sampler, storage, study_name, n_trials, n_jobs, params) and its
+parsing of sweep overrides, and replaces its loop:
+
+- **Persisted.** The study lives in `hydra.sweeper.storage` (`study.storage`): by default a journal file beside the
+  MLflow store (pqsweep.study.default_storage), or any Optuna storage URL. Its identity (fixed settings and search
+  space) is checked on every resume (pqsweep.study).
+- **Resumable.** A grid is a set of points, enqueued as trials; a point with a COMPLETE trial never runs again, so
+  the same command after an interruption runs only what is missing and a finished grid runs nothing. A budgeted
+  sampler (TPE, NSGA-II, random) tops up to `n_trials` COMPLETE trials. Trials a dead process left RUNNING are failed
+  (their MLflow runs KILLED) and run again.
+- **Narrowed by the command line.** A value given on the command line for a key of the sweep file's grid selects
+  those points of the same study (the plugin would instead run every other point once per ignored value).
+- **One MLflow parent run per study**, created with the study; the sweeper creates each trial's MLflow run before it
+  launches it, so each Optuna trial carries its run id (`mlflow_run_id`) and each run its trial number and study,
+  through any launcher (joblib, submitit, Ray). The parent is FINISHED when the planned trials have ended, KILLED
+  after Ctrl-C or SIGTERM, FAILED after a crash or a spent failure budget.
+- **Failures** never end the sweep unless `max_failures` / `max_failure_rate` say so; the sweep ends with a summary,
+  and exits 1 when a trial failed (`fail_on_failed_trials=false`: exit 0, the plugin's behaviour).
+- Directions come from `study.objectives` (pqsweep.config.METRICS), never repeated in a sweep file.
+
+This module is imported when Hydra discovers plugins, so it imports optuna and mlflow only when a sweep starts.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional
 
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _PluginSweeper
 
 from pqsweep.config import directions
-from pqsweep.preflight import command_line_keys
 
 log = logging.getLogger(__name__)
+ADHOC = "adhoc"  # study.name's default: a command-line grid is then named after its swept keys
+
+
+@dataclass
+class SweeperConf(OptunaSweeperConf):
+    """The plugin's config plus pqsweep's keys (conf/hydra/sweeper/pqsweep.yaml fills them)."""
+
+    _target_: str = "pqsweep.sweeper.OptunaSweeper"
+    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "grid"}])
+    max_failures: Optional[int] = None  # stop after this many failed trials in one run (null: never)
+    fail_on_failed_trials: bool = True  # exit 1 when a trial failed; false: exit 0 as the plugin does
+    heartbeat_interval: int = 30  # seconds between heartbeats of running trials on RDB storages (0: off)
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="pqsweep_schema", node=SweeperConf, provider="pqsweep")
 
 
 def is_grid(sampler) -> bool:
     return isinstance(sampler, functools.partial) and sampler.func.__name__ == "GridSampler"
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM while trials ran."""
+
+
 class OptunaSweeper(_PluginSweeper):
+    def __init__(self, max_failures: int | None = None, fail_on_failed_trials: bool = True,
+                 heartbeat_interval: int = 30, **plugin: Any) -> None:
+        super().__init__(**plugin)
+        self.max_failures = max_failures
+        self.fail_on_failed_trials = fail_on_failed_trials
+        self.heartbeat_interval = heartbeat_interval
+
     def sweep(self, arguments: list[str]) -> None:
-        impl = self.sweeper
-        if impl.params:
-            given = command_line_keys(arguments)
-            impl.params = {k: v for k, v in impl.params.items() if k not in given}
-        derived = directions(impl.config.study.objectives)
-        if impl.direction is not None and list(impl._get_directions()) != derived:
+        from pqsweep.study import StudyMismatch
+
+        try:
+            run = StudyRun(self, arguments)
+        except StudyMismatch as mismatch:  # before anything is written
+            raise SystemExit(f"pqsweep: error: {mismatch}") from None
+        code = run.run()
+        if code:
+            raise SystemExit(code)
+
+
+class StudyRun:
+    """One process's work on a study: open or create it, run what is missing, summarise, set the parent's status."""
+
+    def __init__(self, sweeper: OptunaSweeper, arguments: list[str]) -> None:
+        import optuna
+
+        from pqsweep import study as studies
+        from pqsweep import tracking
+
+        self.sweeper, self.impl, self.studies, self.tracking = sweeper, sweeper.sweeper, studies, tracking
+        config = self.impl.config
+        self.config = config
+        self.objectives = list(config.study.objectives)
+        self.directions = directions(self.objectives)
+        if self.impl.direction is not None and list(self.impl._get_directions()) != self.directions:
             log.warning("hydra.sweeper.direction=%s ignored: the directions follow study.objectives %s: %s",
-                        impl.direction, list(impl.config.study.objectives), derived)
-        impl.direction = derived
-        if is_grid(impl.sampler):
-            impl.n_trials = 2**62  # the plugin takes min(n_trials, grid size): every point of the grid
-        return super().sweep(arguments)
+                        self.impl.direction, self.objectives, self.directions)
+        self.grid = is_grid(self.impl.sampler)
+        self.space, self.choices, self.fixed_overrides = self.search_space(arguments)
+        swept = list(self.space)
+        self.name = self.impl.study_name or ADHOC
+        if self.name == ADHOC and swept:
+            self.name = "+".join(swept)
+        self.storage_url = self.impl.storage or studies.default_storage(tracking.resolve_uri(config.tracking.uri))
+        storage = studies.open_storage(str(self.storage_url), sweeper.heartbeat_interval, self.on_heartbeat_stale)
+        sampler = optuna.samplers.RandomSampler() if self.grid else self.impl.sampler  # grid points are enqueued
+        fixed = studies.fixed_settings(config, swept)
+        space = studies.space_json(self.space)
+        self.study, self.created = studies.open_study(self.name, storage, sampler, self.directions)
+        if not self.created:
+            studies.wait_until_ready(self.study)
+            studies.check_identity(self.study, fixed, space)
+        self.experiment_id = tracking.setup(config)  # only once the command is known to fit the study
+        if self.created or studies.FIXED_ATTR not in self.study.user_attrs:  # new, or made outside pqsweep
+            self.study.set_user_attr(studies.FIXED_ATTR, fixed)
+            self.study.set_user_attr(studies.SPACE_ATTR, space)
+            self.study.set_user_attr("objectives", self.objectives)
+        self.parent = self.open_parent()
+        self.study.set_user_attr(studies.READY_ATTR, True)
+        self.points = studies.grid_points(self.choices) if self.grid else []
+        self.ended: list[tuple[Any, str, str]] = []  # (trial number, state, reason) of this run's trials
+        self.signal: int | None = None
+        self.attempted: set[tuple] = set()  # grid points this run launched
+
+    # -- what is searched --------------------------------------------------------------------------------------
+
+    def search_space(self, arguments: list[str]):
+        """(distributions per swept key, a grid's values per key, the overrides every trial gets)."""
+        from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
+
+        from pqsweep.study import StudyMismatch
+
+        file_args = [f"{k}={v}" for k, v in (self.impl.params or {}).items()]
+        file_space, file_fixed, _ = create_params_from_overrides(file_args)
+        cli_space, cli_fixed, deletes = create_params_from_overrides(arguments)
+        space = dict(file_space)
+        choices = {k: OptunaSweeperImpl._to_grid_sampler_choices(d) for k, d in file_space.items()} if self.grid else {}
+        for key, distribution in cli_space.items():
+            if self.grid and key in file_space:  # a subset of the file's grid: the same study
+                values = OptunaSweeperImpl._to_grid_sampler_choices(distribution)
+                choices[key] = [self.in_grid(key, v, choices[key]) for v in values]
+            else:
+                space[key] = distribution
+                if self.grid:
+                    choices[key] = OptunaSweeperImpl._to_grid_sampler_choices(distribution)
+        fixed = {**file_fixed, **cli_fixed}
+        for key, value in cli_fixed.items():
+            if key in file_space:
+                if self.grid:
+                    choices[key] = [self.in_grid(key, value, choices[key])]
+                else:
+                    del space[key]  # a budgeted search keeps the plugin's rule: the command line fixes the key
+                    continue
+                del fixed[key]
+        overrides = [f"{k}={v}" for k, v in fixed.items()] + list(deletes)
+        if self.grid and not choices:
+            raise StudyMismatch("a grid sweep needs swept keys: give some (key=a,b) or choose a sweep file")
+        return space, choices, overrides
+
+    def in_grid(self, key: str, value: Any, choices: list[Any]) -> Any:
+        from pqsweep.study import StudyMismatch, norm
+
+        for choice in choices:
+            if norm(choice) == norm(value) or str(choice) == str(value):
+                return choice
+        raise StudyMismatch(
+            f"{key}={value} is not in the grid of study {self.impl.study_name} ({', '.join(map(str, choices))}); "
+            f"choose among those, or start a new study with study.name=<new name>"
+        )
+
+    # -- MLflow ------------------------------------------------------------------------------------------------
+
+    def open_parent(self) -> str:
+        parent = self.study.user_attrs.get(self.studies.PARENT_ATTR)
+        if parent and self.tracking.resume_run(parent):
+            log.info("study %s: resuming under MLflow parent run %s", self.name, parent)
+            return parent
+        params = {f"sweeper.{k}": str(v) for k, v in (self.impl.params or {}).items()}
+        params.update({f"space.{k}": str(v) for k, v in self.space.items()})
+        params["sweeper"] = "pqsweep"
+        params["sampler"] = "grid" if self.grid else type(self.impl.sampler).__name__
+        params["objectives"] = ",".join(self.objectives)
+        tags = {"stage": "sweep", "sweep": self.name, "optuna_study": self.name, "optuna_storage": str(self.storage_url)}
+        parent = self.tracking.create_parent(self.experiment_id, f"sweep-{self.name}", params, tags)
+        self.study.set_user_attr(self.studies.PARENT_ATTR, parent)
+        return parent
+
+    def on_heartbeat_stale(self, study, trial) -> None:
+        self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", "its heartbeat stopped")
+
+    def on_dead_owner(self, trial, reason: str) -> None:
+        self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", reason)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def batch_size(self) -> int:
+        launcher_jobs = self.config.hydra.launcher.get("n_jobs", 1) or 1
+        if launcher_jobs < 0:
+            launcher_jobs = max(1, (os.cpu_count() or 1) + 1 + launcher_jobs)  # joblib's -1: every core
+        return max(self.impl.n_jobs, launcher_jobs)
+
+    def next_trials(self, n: int) -> list:
+        """Up to `n` trials to run now: queued grid points, or new samples up to the budget."""
+        from optuna.trial import TrialState
+
+        s, studies = self.study, self.studies
+        if self.grid:
+            names = list(self.choices)
+            for point in studies.missing_points(s, self.points):
+                if studies.point_key(point, names) not in self.attempted:  # a failed point waits for the next run
+                    s.enqueue_trial(point)
+            waiting = len(studies.real_trials(s, (TrialState.WAITING,)))
+            trials = [s.ask() for _ in range(min(n, waiting))]
+            return [t for t in trials if self.keep(t)]
+        done = len(studies.real_trials(s, (TrialState.COMPLETE, TrialState.RUNNING)))
+        return [s.ask() for _ in range(min(n, self.impl.n_trials - done))]
+
+    def keep(self, trial) -> bool:
+        """A grid trial that did not come from the queue, or whose point another worker finished meanwhile, runs
+        nothing: it is failed and marked discarded, so no count or report sees it."""
+        from optuna.trial import TrialState
+
+        studies = self.studies
+        params = self.study._storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+        names = list(self.choices)
+        taken = params is None or any(
+            studies.point_key(studies.trial_params(t), names) == studies.point_key(params, names)
+            for t in studies.real_trials(self.study, (TrialState.COMPLETE, TrialState.RUNNING))
+            if t.number != trial.number
+        )
+        if taken:
+            trial.set_user_attr(studies.DISCARD_ATTR, True)
+            self.study.tell(trial, state=TrialState.FAIL)
+        return not taken
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """The trial's values for the swept keys (a queued grid point's own values, else the sampler's)."""
+        return {name: trial._suggest(name, distribution) for name, distribution in self.space.items()}
+
+    def start(self, trial) -> tuple[str, tuple[str, ...]]:
+        """Record the trial's owner and MLflow run before launching it; returns (run id, the job's overrides)."""
+        params = self.suggest(trial)
+        self.attempted.add(self.studies.point_key(params, list(self.choices)))
+        for key, value in self.studies.owner().items():
+            trial.set_user_attr(key, value)
+        name = " ".join(f"{k}={v}" for k, v in params.items())
+        run_id = self.tracking.create_trial_run(
+            self.experiment_id, self.parent, name[:250],
+            {"stage": "trial", "sweep": self.name, "optuna_study": self.name,
+             "optuna_trial_number": str(trial.number), "trial_number": str(trial.number)},
+        )
+        trial.set_user_attr(self.studies.RUN_ATTR, run_id)
+        overrides = tuple(f"{k}={v}" for k, v in params.items()) + tuple(self.fixed_overrides) + (
+            f"study.trial={trial.number}", f"tracking.run_id={run_id}")
+        return run_id, overrides
+
+    def finish(self, trial, run_id: str, ret: JobReturn) -> None:
+        from optuna.trial import TrialState
+
+        values, reason = self.outcome(ret, run_id)
+        if values is None:
+            trial.set_user_attr(self.studies.ERROR_ATTR, reason)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.tracking.close_run(run_id, "FAILED", reason)  # a job that died before its run ended
+            log.warning("trial %d failed: %s", trial.number, reason)
+        else:
+            self.study.tell(trial, values=values)
+        self.ended.append((trial.number, "FAILED" if values is None else "FINISHED", reason))
+
+    def outcome(self, ret: JobReturn, run_id: str) -> tuple[list[float] | None, str]:
+        if ret.status == JobStatus.FAILED:
+            error = ret._return_value
+            return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
+        value = ret.return_value
+        values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if len(values) != len(self.directions) or any(math.isnan(v) for v in values):
+            return None, self.tracking.run_error(run_id) or f"the task returned {value!r}"
+        return values, ""
+
+    @contextmanager
+    def heartbeat(self, trials: list) -> Iterator[None]:
+        """Optuna's heartbeat for the trials in flight, on storages that keep one (RDB)."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        storage = self.study._storage
+        if not is_heartbeat_enabled(storage):
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while True:
+                for trial in trials:
+                    storage.record_heartbeat(trial._trial_id)
+                if stop.wait(storage.get_heartbeat_interval()):
+                    return
+
+        thread = threading.Thread(target=beat, name="pqsweep-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM (Slurm, Kubernetes, `timeout`) both end the sweep cleanly, as KeyboardInterrupt."""
+
+        def interrupt(signum, frame):
+            self.signal = signum
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def run(self) -> int:
+        """Returns the exit code."""
+        from optuna.trial import TrialState
+
+        reaped = self.studies.reap(self.study, self.on_dead_owner)
+        if reaped:
+            log.warning("study %s: %d trial(s) left RUNNING by a dead process: failed, their runs KILLED, rerun",
+                        self.name, reaped)
+        log.info("study %s in %s: %s", self.name, self.storage_url, self.plan())
+        self.tracking.set_tags(self.parent, {"grid": json.dumps(self.choices, default=str)[:5000]} if self.grid else
+                               {"n_trials": str(self.impl.n_trials)})
+        launched: list = []
+        job_idx = 0
+        try:
+            with self.signals():
+                while not self.out_of_budget():
+                    trials = self.next_trials(self.batch_size())
+                    if not trials:
+                        break
+                    started = [self.start(t) for t in trials]
+                    launched = list(zip(trials, started))
+                    with self.heartbeat(trials):
+                        returns = self.impl.launcher.launch([o for _, o in started], initial_job_idx=job_idx)
+                    job_idx += len(returns)
+                    for (trial, (run_id, _)), ret in zip(launched, returns):
+                        self.finish(trial, run_id, ret)
+                    launched = []
+        except KeyboardInterrupt:
+            name = signal.Signals(self.signal or signal.SIGINT).name
+            self.abandon(launched, "KILLED", f"interrupted by {name}")
+            self.tracking.close_run(self.parent, "KILLED", f"interrupted by {name}")
+            self.summarise()
+            return 128 + (self.signal or signal.SIGINT)
+        except BaseException as error:
+            self.abandon(launched, "FAILED", f"the sweep crashed: {type(error).__name__}: {error}")
+            self.tracking.close_run(self.parent, "FAILED", f"{type(error).__name__}: {error}")
+            raise
+        failed = [e for e in self.ended if e[1] != "FINISHED"]
+        if self.out_of_budget():
+            self.tracking.close_run(self.parent, "FAILED", f"stopped: {len(failed)} failed trials")
+        elif not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.tracking.close_run(self.parent, "FINISHED")
+        else:
+            log.info("study %s: other workers still run trials; they will finish the parent run", self.name)
+        self.summarise()
+        self.save_results()
+        return 1 if failed and self.sweeper.fail_on_failed_trials else 0
+
+    def out_of_budget(self) -> bool:
+        failed = sum(1 for e in self.ended if e[1] != "FINISHED")
+        if not failed:
+            return False
+        limit = self.sweeper.max_failures
+        if (limit is not None and failed >= limit) or failed / len(self.ended) > self.impl.max_failure_rate:
+            log.error("study %s: stopping, %d of %d trials failed (max_failures=%s, max_failure_rate=%s)",
+                      self.name, failed, len(self.ended), limit, self.impl.max_failure_rate)
+            return True
+        return False
+
+    def abandon(self, launched: list, status: str, reason: str) -> None:
+        """The trials in flight when the sweep stopped: FAIL in Optuna (so a resume reruns them), `status` in MLflow."""
+        from optuna.trial import TrialState
+
+        for trial, (run_id, _) in launched:
+            try:
+                trial.set_user_attr(self.studies.ERROR_ATTR, reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+            except Exception:  # noqa: BLE001 - told already (it ended just before the signal)
+                pass
+            self.tracking.close_run(run_id, status, reason)
+            self.ended.append((trial.number, status, reason))
+
+    # -- what happened -----------------------------------------------------------------------------------------
+
+    def plan(self) -> str:
+        from optuna.trial import TrialState
+
+        complete = self.studies.real_trials(self.study, (TrialState.COMPLETE,))
+        if self.grid:
+            names = list(self.choices)
+            done = {self.studies.point_key(self.studies.trial_params(t), names) for t in complete}
+            todo = sum(1 for p in self.points if self.studies.point_key(p, names) not in done)
+            return f"{len(self.points)} grid points, {len(self.points) - todo} done, {todo} to run"
+        return f"{len(complete)} of n_trials={self.impl.n_trials} trials done"
+
+    def summarise(self) -> None:
+        finished = sum(1 for e in self.ended if e[1] == "FINISHED")
+        failed = [e for e in self.ended if e[1] == "FAILED"]
+        killed = [e for e in self.ended if e[1] == "KILLED"]
+        log.info("study %s: this run: %d finished, %d failed, %d killed; study: %s",
+                 self.name, finished, len(failed), len(killed), self.plan())
+        for number, status, reason in failed + killed:
+            log.info("  trial %d %s: %s", number, status, reason)
+        self.tracking.set_tags(self.parent, {"trials_finished": str(finished), "trials_failed": str(len(failed)),
+                                             "trials_killed": str(len(killed))})
+
+    def save_results(self) -> None:
+        """The plugin's optimization_results.yaml: the best trial, or the Pareto front."""
+        from omegaconf import OmegaConf
+
+        if not any(True for _ in self.studies.real_trials(self.study)) or not os.path.isdir(self.config.hydra.sweep.dir):
+            return
+        try:
+            best = self.study.best_trials
+        except ValueError:
+            return
+        front = [{"params": t.params, "values": t.values} for t in best if not t.user_attrs.get(self.studies.DISCARD_ATTR)]
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "study": self.name, "solutions": front}),
+                       os.path.join(self.config.hydra.sweep.dir, "optimization_results.yaml"))

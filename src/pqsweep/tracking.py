@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,10 +83,16 @@ def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags
 
 
 @contextmanager
-def task_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one task, the child of the sweep's parent run when there is one. An exception inside is
-    recorded as the run's `error` tag (start_run marks it FAILED); Ctrl-C marks it KILLED, not a failure."""
-    with mlflow.start_run(run_name=run_name, parent_run_id=os.environ.get(PARENT_ENV), tags=tags) as active:
+def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one task: the run the sweeper created for it (`run_id`), else a new one, the child of the
+    sweep's parent run when there is one. An exception inside is recorded as the run's `error` tag (start_run marks
+    it FAILED); Ctrl-C and SIGTERM mark it KILLED, not a failure."""
+    if run_id is not None:
+        MlflowClient().update_run(run_id, name=run_name)
+        start = functools.partial(mlflow.start_run, run_id=run_id)
+    else:
+        start = functools.partial(mlflow.start_run, run_name=run_name, parent_run_id=os.environ.get(PARENT_ENV))
+    with start(tags=tags) as active:
         try:
             yield active
         except KeyboardInterrupt:
@@ -93,6 +101,61 @@ def task_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
             raise
+
+
+# -- runs the sweeper owns: the study's parent run, and each trial's run before its job starts ------------------
+
+
+def create_parent(experiment_id: str, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    log_batch(client, run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def resume_run(run_id: str) -> bool:
+    """Mark an existing run RUNNING again (a resumed study's parent); False when the store does not hold it."""
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    return True
+
+
+def create_trial_run(experiment_id: str, parent_id: str, name: str, tags: dict[str, str]) -> str:
+    run = MlflowClient().create_run(experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id})
+    return run.info.run_id
+
+
+def close_run(run_id: str | None, status: str, reason: str | None = None) -> None:
+    """End a run that is still RUNNING (its job died, was interrupted, or the sweep ends); leave an ended one."""
+    if not run_id:
+        return
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        tag = {"FAILED": "error", "KILLED": "interrupted"}.get(status, "note")
+        if run.info.status not in ("RUNNING", status):
+            return  # it ended otherwise on its own: that is the truth
+        if reason and tag not in run.data.tags:  # why it ended: a failure's error, or what interrupted it
+            client.set_tag(run_id, tag, reason[:5000])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except mlflow.exceptions.MlflowException as error:
+        log.warning("could not close MLflow run %s as %s: %s", run_id, status, error)
+
+
+def run_error(run_id: str) -> str | None:
+    try:
+        return MlflowClient().get_run(run_id).data.tags.get("error")
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    log_batch(MlflowClient(), run_id, tags=tags)
 
 
 def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str | None:
@@ -133,12 +196,14 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
 
     setup(cfg)
     key = baseline_key(cfg)
-    tags = {"stage": "trial", "sweep": cfg.study.name, "baseline_hash": key}
-    if trial_number is not None:
-        tags["trial_number"] = trial_number
+    tags = {"stage": "trial", "baseline_hash": key}
+    if cfg.tracking.run_id is None:  # else the sweeper created the run with its study's name and trial number
+        tags["sweep"] = cfg.study.name
+        if trial_number is not None:
+            tags["trial_number"] = trial_number
     name = f"{cfg.model.name}-{cfg.pruning.name}{cfg.pruning.amount:g}-{cfg.quantization.name}"
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    with task_run(name, tags) as active:
+    with task_run(name, tags, run_id=cfg.tracking.run_id) as active:
         run_id = active.info.run_id
         log_batch(MlflowClient(), run_id, params=flat_params(cfg))
         mlflow.log_text(config_yaml, "config.yaml")
@@ -159,23 +224,30 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
 
 
 class ParentRunCallback(Callback):
-    """Opens one MLflow parent run per multirun; trials (in this process or launcher workers) log under it."""
+    """One MLflow parent run per multirun of Hydra's other sweepers (basic): trials, in this process or launcher
+    workers, log under it. pqsweep's own sweeper keeps the parent with its study (pqsweep.sweeper)."""
+
+    @staticmethod
+    def ours(config: DictConfig) -> bool:
+        return OmegaConf.select(config, "hydra.sweeper._target_") == "pqsweep.sweeper.OptunaSweeper"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.ours(config):
+            return
         sweeper = OmegaConf.select(config, "hydra.sweeper.params") or {}
         params = {f"sweeper.{k}": str(v) for k, v in sweeper.items()}
         params["sweeper"] = OmegaConf.select(config, "hydra.runtime.choices.hydra/sweeper") or "basic"
         params["objectives"] = ",".join(config.study.objectives)
         experiment_id = setup(config)
-        client = MlflowClient()
-        run = client.create_run(
-            experiment_id, run_name=f"sweep-{config.study.name}", tags={"stage": "sweep", "sweep": config.study.name}
-        )
-        log_batch(client, run.info.run_id, params=params)
-        os.environ[PARENT_ENV] = run.info.run_id
-        log.info("MLflow parent run %s (sweep %s) at %s", run.info.run_id, config.study.name, mlflow.get_tracking_uri())
+        run_id = create_parent(experiment_id, f"sweep-{config.study.name}", params,
+                               {"stage": "sweep", "sweep": config.study.name})
+        os.environ[PARENT_ENV] = run_id
+        log.info("MLflow parent run %s (sweep %s) at %s", run_id, config.study.name, mlflow.get_tracking_uri())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         run_id = os.environ.pop(PARENT_ENV, None)
         if run_id:
-            MlflowClient().set_terminated(run_id, "FINISHED")
+            # Hydra calls this from a `finally`: an exception on its way out means the sweep did not finish.
+            error = sys.exc_info()[1]
+            status = "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            MlflowClient().set_terminated(run_id, status)

@@ -1,0 +1,217 @@
+"""Studies under real faults: `pqsweep -m` as a subprocess, SIGKILL / SIGINT / SIGTERM sent for real, failing trials
+that fail for real, and the study and the MLflow store read back afterwards."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+TINY = ["dataset=digits", "train.epochs=1", "train.finetune_epochs=1", "measure.warmup=1", "measure.repeats=2",
+        "measure.top5=false"]
+GRID = ["pruning=global_magnitude", "pruning.amount=0,0.5,0.7", "quantization=none,fp16"]  # 6 points
+GRID_NAME = "pruning.amount+quantization"
+
+
+def command(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pqsweep.cli", "-m", *TINY, *args,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"cache.dir={tmp_path}/cache"]
+
+
+def sweep(tmp_path: Path, *args: str, rc: int = 0) -> str:
+    done = subprocess.run(command(tmp_path, *args), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == rc, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def interrupted(tmp_path: Path, *args: str, sig: int, after: int = 1, timeout: float = 300) -> int:
+    """Start a sweep, send `sig` while a trial runs (after `after` trials finished), return its exit code."""
+    log = (tmp_path / "interrupted.log").open("w")
+    process = subprocess.Popen(command(tmp_path, *args), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (tmp_path / "interrupted.log").read_text()
+        finished, launched = text.count("top1 "), text.count("Launching ")
+        if finished >= after and launched > finished and "evaluate:" in text.rsplit("Launching ", 1)[1]:
+            break  # a trial is in flight: its baseline was loaded and it is being measured or fine-tuned
+        assert process.poll() is None, text[-3000:]
+        time.sleep(0.05)
+    process.send_signal(sig)
+    return process.wait(timeout=120)
+
+
+def study(tmp_path: Path, name: str = GRID_NAME) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def runs(tmp_path: Path, stage: str) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.get_experiment_by_name("pqsweep")
+    return MlflowClient().search_runs([experiment.experiment_id], f"tags.stage = '{stage}'", max_results=1000)
+
+
+def point(trial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+def assert_whole(tmp_path: Path, points: int, name: str = GRID_NAME) -> None:
+    """Every point COMPLETE exactly once, one FINISHED trial run per point, nothing RUNNING, one FINISHED parent."""
+    trials = study(tmp_path, name).trials
+    complete = collections.Counter(point(t) for t in trials if t.state == TrialState.COMPLETE)
+    assert len(complete) == points and set(complete.values()) == {1}
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    trial_runs = runs(tmp_path, "trial")
+    finished = [r for r in trial_runs if r.info.status == "FINISHED"]
+    assert len(finished) == points
+    assert len({r.data.tags["optuna_trial_number"] for r in finished}) == points
+    assert not [r for r in trial_runs if r.info.status == "RUNNING"]
+    (parent,) = runs(tmp_path, "sweep")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in trial_runs} == {parent.info.run_id}
+    by_number = {t.number: t for t in trials}
+    for run in trial_runs:  # each run names its trial, and the trial its run
+        trial = by_number[int(run.data.tags["optuna_trial_number"])]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna_study"] == name
+        assert (run.info.status == "FINISHED") == (trial.state == TrialState.COMPLETE)
+
+
+def test_sigkill_mid_grid_then_the_same_command_finishes_it_and_a_rerun_adds_nothing(tmp_path):
+    args = [*GRID, "train.finetune_epochs=4"]
+    assert interrupted(tmp_path, *args, sig=signal.SIGKILL) == -signal.SIGKILL
+    before = study(tmp_path).trials
+    assert any(t.state == TrialState.RUNNING for t in before)  # what the dead process left
+
+    output = sweep(tmp_path, *args)
+    assert "left RUNNING by a dead process" in output
+    assert_whole(tmp_path, 6)
+    killed = [r for r in runs(tmp_path, "trial") if r.info.status == "KILLED"]
+    assert len(killed) == 1 and "is gone" in killed[0].data.tags["interrupted"]
+    assert output.count("baseline 1") <= 6  # the rerun trained no second baseline
+    assert "not in cache, training" not in output
+
+    n_trials = len(study(tmp_path).trials)
+    start = time.monotonic()
+    again = sweep(tmp_path, *args)
+    seconds = time.monotonic() - start
+    print(f"finished-grid rerun: {seconds:.1f} s")
+    assert "Launching" not in again and "6 grid points, 6 done, 0 to run" in again
+    assert len(study(tmp_path).trials) == n_trials and len(runs(tmp_path, "trial")) == 7
+    assert_whole(tmp_path, 6)
+
+
+def test_a_budgeted_study_killed_midway_tops_up_to_n_trials(tmp_path):
+    args = ["hydra/sweeper/sampler=tpe", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.n_startup_trials=2",
+            "pruning=global_magnitude", "pruning.amount=interval(0,0.9)", "study.name=tpe"]
+    assert interrupted(tmp_path, *args, sig=signal.SIGKILL, after=3) == -signal.SIGKILL
+    done_before = sum(t.state == TrialState.COMPLETE for t in study(tmp_path, "tpe").trials)
+    assert 3 <= done_before < 6
+
+    sweep(tmp_path, *args)
+    trials = study(tmp_path, "tpe").trials
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 6
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    sweep(tmp_path, *args)  # topped up already: nothing more
+    assert sum(t.state == TrialState.COMPLETE for t in study(tmp_path, "tpe").trials) == 6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_kills_the_trial_in_flight_and_the_next_run_resumes(tmp_path, sig):
+    args = [*GRID[:2], "pruning.amount=0,0.5,0.7", "train.finetune_epochs=4"]
+    assert interrupted(tmp_path, *args, sig=sig) == 128 + sig
+
+    name = "pruning.amount"
+    trials = study(tmp_path, name).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    (stopped,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert stopped.user_attrs["pqsweep.error"] == f"interrupted by {sig.name}"
+    (parent,) = runs(tmp_path, "sweep")
+    assert parent.info.status == "KILLED"
+    statuses = collections.Counter(r.info.status for r in runs(tmp_path, "trial"))
+    assert statuses["KILLED"] == 1 and statuses["RUNNING"] == 0 and statuses["FAILED"] == 0
+    (killed,) = [r for r in runs(tmp_path, "trial") if r.info.status == "KILLED"]
+    assert killed.info.run_id == stopped.user_attrs["mlflow_run_id"]
+
+    sweep(tmp_path, *args)
+    assert_whole(tmp_path, 3, name)
+
+
+def write_layer_amounts(tmp_path: Path) -> dict[str, str]:
+    """Per-layer amounts for the small CNN (its prunable layers are 0, 3, 8, 10), and a file naming a layer it
+    does not have: that trial fails for real, inside the run, after its baseline loaded."""
+    files = {"good1": '"0": 0.3\n', "good2": '"3": 0.5\n', "bad": "conv9: 0.5\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    return {name: str(tmp_path / f"{name}.yaml") for name in files}
+
+
+@pytest.mark.parametrize("order", [("bad", "good1", "good2"), ("good1", "bad", "good2"), ("good1", "good2", "bad")],
+                         ids=["first", "middle", "last"])
+def test_a_failing_point_anywhere_in_the_grid_never_ends_the_sweep(tmp_path, order):
+    files = write_layer_amounts(tmp_path)
+    grid = ["pruning=layer_magnitude", "pruning.layer_amounts=" + ",".join(files[name] for name in order)]
+    output = sweep(tmp_path, *grid, rc=1)
+    assert "this run: 2 finished, 1 failed, 0 killed" in output
+    assert "no prunable layer named conv9" in output.split("this run:")[1]
+    statuses = sorted(r.info.status for r in runs(tmp_path, "trial"))
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
+    (parent,) = runs(tmp_path, "sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "1"
+    states = sorted(t.state.name for t in study(tmp_path, "pruning.layer_amounts").trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]
+
+    # The next run retries only the failed point; the old behaviour's exit code is a switch away.
+    again = sweep(tmp_path, *grid, "hydra.sweeper.fail_on_failed_trials=false")
+    assert again.count("Launching ") == 1 and "this run: 0 finished, 1 failed" in again
+
+
+def test_a_spent_failure_budget_stops_the_sweep(tmp_path):
+    files = write_layer_amounts(tmp_path)
+    grid = ["pruning=layer_magnitude", f"pruning.layer_amounts={files['bad']},{files['good1']},{files['good2']}",
+            "hydra.sweeper.max_failures=1"]
+    output = sweep(tmp_path, *grid, rc=1)
+    assert "stopping, 1 of 1 trials failed" in output and output.count("Launching ") == 1
+    (parent,) = runs(tmp_path, "sweep")
+    assert parent.info.status == "FAILED"
+
+
+def test_a_changed_fixed_setting_is_refused_and_nothing_is_touched(tmp_path):
+    sweep(tmp_path, "pruning=global_magnitude", "pruning.amount=0,0.5")
+    journal = (tmp_path / "optuna.journal").read_bytes()
+    before = sorted((r.info.run_id, r.info.status) for r in runs(tmp_path, "trial") + runs(tmp_path, "sweep"))
+
+    done = subprocess.run(command(tmp_path, "pruning=global_magnitude", "pruning.amount=0,0.5", "train.epochs=2"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("pqsweep: error:")]
+    assert "train.epochs=1 (this command: 2)" in line and "study.name=" in line
+    assert (tmp_path / "optuna.journal").read_bytes() == journal
+    after = sorted((r.info.run_id, r.info.status) for r in runs(tmp_path, "trial") + runs(tmp_path, "sweep"))
+    assert after == before
+
+
+def test_the_command_line_narrows_a_sweep_files_grid_within_one_study(tmp_path):
+    narrowed = ["sweep=mnist_cnn_sparsity_x_precision", *TINY, "pruning.amount=0,0.5"]
+    sweep(tmp_path, *narrowed, "quantization=none")
+    sweep(tmp_path, *narrowed, "quantization=fp16")
+    trials = study(tmp_path, "mnist_cnn_sparsity_x_precision").trials
+    assert sorted((t.params["pruning.amount"], t.params["quantization"]) for t in trials) == [
+        (0, "fp16"), (0, "none"), (0.5, "fp16"), (0.5, "none")]
+    assert len(runs(tmp_path, "sweep")) == 1  # one study, one parent
+
+    done = subprocess.run(command(tmp_path, *narrowed[:-1], "pruning.amount=0.3"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "pruning.amount=0.3 is not in the grid" in done.stderr
