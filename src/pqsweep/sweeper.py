@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ class StudyRun:
         if self.name == ADHOC and swept:
             self.name = "+".join(swept)
         self.storage_url = self.impl.storage or studies.default_storage(tracking.resolve_uri(config.tracking.uri))
+        self.storage_shown = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", str(self.storage_url))  # logs, tags
         storage = studies.open_storage(str(self.storage_url), sweeper.heartbeat_interval, self.on_heartbeat_stale)
         sampler = optuna.samplers.RandomSampler() if self.grid else self.impl.sampler  # grid points are enqueued
         fixed = studies.fixed_settings(config, swept)
@@ -191,7 +193,7 @@ class StudyRun:
         params["sweeper"] = "pqsweep"
         params["sampler"] = "grid" if self.grid else type(self.impl.sampler).__name__
         params["objectives"] = ",".join(self.objectives)
-        tags = {"stage": "sweep", "sweep": self.name, "optuna_study": self.name, "optuna_storage": str(self.storage_url)}
+        tags = {"stage": "sweep", "sweep": self.name, "optuna_study": self.name, "optuna_storage": self.storage_shown}
         parent = self.tracking.create_parent(self.experiment_id, f"sweep-{self.name}", params, tags)
         self.study.set_user_attr(self.studies.PARENT_ATTR, parent)
         return parent
@@ -337,7 +339,7 @@ class StudyRun:
         if reaped:
             log.warning("study %s: %d trial(s) left RUNNING by a dead process: failed, their runs KILLED, rerun",
                         self.name, reaped)
-        log.info("study %s in %s: %s", self.name, self.storage_url, self.plan())
+        log.info("study %s in %s: %s", self.name, self.storage_shown, self.plan())
         self.tracking.set_tags(self.parent, {"grid": json.dumps(self.choices, default=str)[:5000]} if self.grid else
                                {"n_trials": str(self.impl.n_trials)})
         launched: list = []
