@@ -215,3 +215,25 @@ def test_the_command_line_narrows_a_sweep_files_grid_within_one_study(tmp_path):
     done = subprocess.run(command(tmp_path, *narrowed[:-1], "pruning.amount=0.3"), cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "pruning.amount=0.3 is not in the grid" in done.stderr
+
+
+def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat(tmp_path):
+    # On an RDB storage each running trial beats every heartbeat_interval; a worker on another machine that died
+    # stops beating, and the next worker fails its trial (its MLflow run KILLED) and runs the point again.
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = [*GRID[:2], "pruning.amount=0,0.5,0.7", "train.finetune_epochs=4", f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.heartbeat_interval=1"]
+    assert interrupted(tmp_path, *args, sig=signal.SIGKILL) == -signal.SIGKILL
+    lost = optuna.load_study(study_name="pruning.amount", storage=storage)
+    (running,) = lost.get_trials(states=(TrialState.RUNNING,))
+    lost._storage.set_trial_user_attr(running._trial_id, "pqsweep.host", "another-host")  # not ours to check by PID
+    time.sleep(5)  # past the grace period: 4 heartbeat intervals
+
+    output = sweep(tmp_path, *args)
+    assert "left RUNNING by a dead process" in output
+    trials = optuna.load_study(study_name="pruning.amount", storage=storage).trials
+    assert trials[running.number].state == TrialState.FAIL
+    assert sorted(t.params["pruning.amount"] for t in trials if t.state == TrialState.COMPLETE) == [0, 0.5, 0.7]
+    (killed,) = [r for r in runs(tmp_path, "trial") if r.info.status == "KILLED"]
+    assert killed.info.run_id == running.user_attrs["mlflow_run_id"]
+    assert killed.data.tags["interrupted"] == "its heartbeat stopped"
