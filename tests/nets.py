@@ -1,4 +1,5 @@
-"""The tests' one helper module: configs composed as the app composes them, the small nets, and the Context they get.
+"""The tests' one helper module: configs composed as the app composes them, the small nets, the Context they get, and
+tiny data sets written on disk in their real formats.
 
 conftest.py turns the stateful parts into fixtures (the digits splits, the trained nets, configs whose paths point at
 tmp_path); test modules import the rest (`from nets import ...`; pytest puts tests/ on sys.path), e.g. `options` to
@@ -10,13 +11,17 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.resources
+import pickle
+import struct
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import get_method
 from omegaconf import DictConfig
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -152,3 +157,63 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def top1(model: nn.Module, data: Dataset) -> float:
     """Top-1 accuracy (%) on `data`."""
     return measure.accuracy(model, loader(data, batch_size=512))["top1"]
+
+
+# --- data sets on disk, tiny, in their real formats ---------------------------------------------------------------
+
+
+def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> None:
+    """The python version of CIFAR-10: pickled dicts, 3072 bytes per image (R, G, B planes of 32x32).
+
+    The official files are Python 2 pickles whose keys torchvision loads as str (encoding="latin1"), so str keys
+    here are their faithful equivalent; bytes keys (b"data") would not be found by torchvision's reader.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(path: Path, n: int, label: str) -> None:
+        entry = {
+            "batch_label": label,
+            "labels": rng.integers(0, 10, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)],
+        }
+        path.write_bytes(pickle.dumps(entry, protocol=2))
+
+    for i in range(1, 6):
+        batch(folder / f"data_batch_{i}", per_batch, f"training batch {i} of 5")
+    batch(folder / "test_batch", n_test, "testing batch 1 of 1")
+    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def write_idx(raw: Path, n_train: int = 20, n_test: int = 10) -> None:
+    """MNIST's unpacked IDX files: big-endian header (magic 2051 images / 2049 labels, then the dims), then uint8s."""
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class=(("train", 4), ("val", 2))) -> None:
+    """ImageFolder layout root/{train,val}/<class>/*.png, non-square so the resize and centre crop matter."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def write_data_sets(base: Path) -> Path:
+    """Every on-disk option's files under base/<option>, where `PQSWEEP_DATA=base` points the option files' roots."""
+    write_cifar10(base / "cifar10")
+    write_idx(base / "mnist" / "MNIST" / "raw")
+    write_idx(base / "fashion_mnist" / "FashionMNIST" / "raw")
+    write_image_folder(base / "imagenet")
+    return base

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import pickle
 import re
-import struct
-from pathlib import Path
 
 import hydra
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pqsweep.data import DataSplits
 
-from nets import compose_cfg
+from nets import compose_cfg, write_cifar10, write_idx, write_image_folder
 
 
 def build(*overrides: str) -> DataSplits:
@@ -60,6 +55,7 @@ def test_embedded_splits_are_stratified_and_deterministic(name, total, side):
     assert train + val + test == total
     assert test == pytest.approx(0.2 * total, abs=1) and val == pytest.approx(0.1 * (train + val), abs=1)
     check_items(first, (1, side, side))
+    assert compose_cfg(f"dataset={name}").dataset.image_size == side  # the fact its option file declares
     assert_disjoint(first)
     assert first.num_classes == 10
     for a, b in zip((first.train, first.val, first.test), (again.train, again.val, again.test)):
@@ -81,54 +77,6 @@ def test_resize_of_tensor_sets():
 
 
 # --- on-disk formats -----------------------------------------------------------------------------------------
-
-
-def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> None:
-    """The python version of CIFAR-10: pickled dicts, 3072 bytes per image (R, G, B planes of 32x32).
-
-    The official files are Python 2 pickles whose keys torchvision loads as str (encoding="latin1"), so str keys
-    here are their faithful equivalent; bytes keys (b"data") would not be found by torchvision's reader.
-    """
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(path: Path, n: int, label: str) -> None:
-        entry = {
-            "batch_label": label,
-            "labels": rng.integers(0, 10, n).tolist(),
-            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "filenames": [f"img_{i}.png" for i in range(n)],
-        }
-        path.write_bytes(pickle.dumps(entry, protocol=2))
-
-    for i in range(1, 6):
-        batch(folder / f"data_batch_{i}", per_batch, f"training batch {i} of 5")
-    batch(folder / "test_batch", n_test, "testing batch 1 of 1")
-    meta = {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": per_batch, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-
-
-def write_idx(raw: Path, n_train: int = 20, n_test: int = 10) -> None:
-    """MNIST's unpacked IDX files: big-endian header (magic 2051 images / 2049 labels, then the dims), then uint8s."""
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-
-
-def write_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class=(("train", 4), ("val", 2))) -> None:
-    """ImageFolder layout root/{train,val}/<class>/*.png, non-square so the resize and centre crop matter."""
-    rng = np.random.default_rng(0)
-    for split, n in per_class:
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
 
 
 def test_cifar10_from_pickled_batches(tmp_path):

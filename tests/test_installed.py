@@ -142,7 +142,8 @@ def _modules_loaded_from(stderr: str, module_file: str) -> set[str]:
 def test_the_installed_app_composes_its_packaged_config(installed):
     done = installed.pqsweep("--cfg", "job", env={"PYTHONVERBOSE": "1"})
     cfg = yaml.safe_load(done.stdout)
-    assert cfg["model"] == {"_target_": "pqsweep.models.small_cnn", "name": "cnn", "pretrained": False}
+    assert cfg["model"] == {"_target_": "pqsweep.models.small_cnn", "name": "cnn", "pretrained": False,
+                            "min_image_size": 4, "weights": None}  # the option file's facts
     assert cfg["dataset"]["_target_"] == "pqsweep.data.digits"
     assert cfg["pruning"]["name"] == "none" and cfg["quantization"]["name"] == "none"
     assert CHECKOUT_SRC not in done.stderr

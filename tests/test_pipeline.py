@@ -62,8 +62,9 @@ def test_second_run_reuses_the_baseline_and_logs_it_once(make_cfg):
 
 
 def test_a_failing_run_is_recorded_as_failed(make_cfg):
-    # AlexNet's 11x11 stride-4 stem cannot run on 8x8 digits: a real failure, raised inside the run.
-    cfg = make_cfg("model=alexnet")
+    # AlexNet's 11x11 stride-4 stem cannot run on 8x8 digits: a real failure, raised inside the run once its option
+    # file's fact (min_image_size: 63, which validate would refuse digits with) is overridden by a wrong one.
+    cfg = make_cfg("model=alexnet", "model.min_image_size=1")
     with pytest.raises(RuntimeError):
         run_and_log(cfg)
     (trial,) = runs(cfg, "trial")

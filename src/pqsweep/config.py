@@ -3,23 +3,35 @@
 Each YAML option in `conf/<group>/` starts from its family's schema (`defaults: [/schema/<group>/<family>@_here_]`),
 so a typo or a wrong type fails at composition with Hydra's own message. Each schema also checks its own ranges
 (`checks`), and a method's option file declares the facts other modules need about it (`stored_weights`,
-`per_layer`, `backends`, `export_tolerance`), so no module outside a method names it.
-`validate` runs every check; it imports no torch, so the pre-run check answers at once.
+`per_layer`, `backends`, `export_tolerance`; a model's `min_image_size`, a data set's `files`), so no module outside
+a method names it. `validate` runs every check; it imports torch only for device=cuda or model.pretrained=true (to
+ask for the GPU and the torch hub folder, in runs that load torch anyway), so the pre-run check answers at once.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
+from urllib.parse import urlparse
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pqsweep import datafiles
+
 
 # Modules whose callables configs may name as `_target_` (Hydra 1.4 asks every instantiate for such a list).
 TRUSTED_TARGETS = ["pqsweep.*", "torch.optim.*", "hydra_plugins.*", "optuna.samplers.*", "hydra._internal.*"]
+
+
+def trusted(target) -> bool:
+    """Whether instantiate would accept `target`: Hydra's rule, where `a.*` allows everything under `a.`."""
+    return isinstance(target, str) and any(
+        target.startswith(pattern[:-1]) if pattern.endswith(".*") else target == pattern
+        for pattern in TRUSTED_TARGETS)
 
 
 class Engine(str, Enum):
@@ -93,6 +105,26 @@ def at_least(key: str, value, low: int) -> Check:
     return Check(key, value, value >= low, f"an integer >= {low}")
 
 
+def number(value) -> bool:
+    """Untyped fields (the optimizer's) may hold a string or a list where torch wants a number."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def instantiable(key: str, node) -> Check:
+    """A node instantiate will build: a mapping whose `_target_` is among TRUSTED_TARGETS (train.py passes them)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return Check(f"{key}._target_", target, trusted(target), f"a callable in {', '.join(TRUSTED_TARGETS)}")
+
+
+def fractions_file(path: Path) -> bool:
+    """Whether `path` is YAML {layer: amount} with every amount in [0, 1), as pruning.unstructured reads it."""
+    try:
+        amounts = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # noqa: BLE001 - unreadable YAML is one more way of not being such a file
+        return False
+    return isinstance(amounts, dict) and all(number(v) and 0 <= v < 1 for v in amounts.values())
+
+
 # Schemas check themselves: `checks(node)` is called on the composed DictConfig of the group (OmegaConf keeps the
 # dataclass as the node's type), so a subclass adds its own checks to its parent's.
 
@@ -102,9 +134,20 @@ class ModelConfig:
     _target_: str = MISSING  # factory: (num_classes, in_channels, pretrained) -> nn.Module
     name: str = MISSING  # the option's name, logged as the `model` param
     pretrained: bool = False  # torchvision ImageNet weights, from the local torch cache only
+    # Facts the option file declares about its architecture:
+    min_image_size: int = 1  # smallest input side it runs on; validate compares the data set's image size
+    weights: Optional[str] = None  # the checkpoint pretrained=true loads from <torch hub>/checkpoints; null: none
 
     def checks(self) -> list[Check]:
-        return []
+        if not self.pretrained:
+            return []
+        if self.weights is None:
+            return [Check("pretrained", "true", False, f"false: model={self.name} has no pretrained weights")]
+        from torch.hub import get_dir  # torch loads only for a pretrained model, which loads it anyway
+
+        path = Path(get_dir()) / "checkpoints" / self.weights
+        return [Check("pretrained", "true", path.is_file(), f"false, or {self.weights} placed at {path} (a run "
+                      "never downloads; fetch it on a machine that is online)")]
 
 
 @dataclass
@@ -116,9 +159,26 @@ class DatasetConfig:
     resize: Optional[int] = None  # square resize of every image, e.g. 224 for ImageNet-pretrained nets
     val_fraction: float = 0.1  # share of the training data held out for validation (deterministic)
     split_seed: int = 0  # seed of the deterministic split, independent of the training seed
+    # Facts the option file declares about its data:
+    image_size: Optional[int] = None  # side of the square images the model gets without resize; null: unknown
+    files: Dict[str, str] = field(default_factory=dict)  # what the builder reads under root -> its format
+    # (pqsweep.datafiles.FORMATS); checked before anything runs unless download=true will fetch them
+    downloadable: bool = True  # download=true can fetch `files` (torchvision's sets); false: they must be there
 
     def checks(self) -> list[Check]:
-        return [Check("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "in (0, 1)")]
+        resize = self.resize
+        checks = [Check("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "in (0, 1)"),
+                  Check("resize", resize, resize is None or resize >= 1, "null or an integer >= 1"),
+                  at_least("split_seed", self.split_seed, 0)]  # scikit-learn takes no negative random_state
+        if self.files and self.download:
+            checks.append(Check("download", "true", self.downloadable,
+                                f"false: dataset={self.name} has no automatic download; put its files under root"))
+        elif self.files:
+            fix = "; or set dataset.download=true where you are online" if self.downloadable else ""
+            problem = datafiles.problem(self.root, self.files)
+            checks.append(Check("root", self.root, problem is None,
+                                f"a folder holding {datafiles.listing(self.files)} ({problem}){fix}"))
+        return checks
 
 
 @dataclass
@@ -148,8 +208,12 @@ class PruningConfig:
     def checks(self) -> list[Check]:
         checks = [Check("amount", self.amount, 0.0 <= self.amount < 1.0, FRACTION)]
         if self.layer_amounts:
-            exists = Path(self.layer_amounts).expanduser().is_file()
-            checks.append(Check("layer_amounts", self.layer_amounts, exists, "an existing YAML file {layer: amount}"))
+            path = Path(self.layer_amounts).expanduser()
+            checks.append(Check("layer_amounts", self.layer_amounts, path.is_file(),
+                                "an existing YAML file {layer: amount}"))
+            # the pruner reads it only after the baseline has trained: a bad amount in it is refused here
+            checks.append(Check("layer_amounts", self.layer_amounts, not path.is_file() or fractions_file(path),
+                                "a YAML file mapping layer names to fractions in [0, 1)"))
             checks.append(Check("layer_amounts", self.layer_amounts, self.per_layer,
                                 f"null: pruning={self.name} takes one amount for all layers, not per-layer amounts"))
         return checks
@@ -273,9 +337,21 @@ class TrainConfig:
 
     def checks(self) -> list[Check]:
         lr = self.finetune_lr
-        return [at_least("epochs", self.epochs, 0), at_least("finetune_epochs", self.finetune_epochs, 0),
-                Check("finetune_lr", lr, lr is None or lr > 0, "null (optimizer.lr / 10) or a learning rate > 0"),
-                at_least("batch_size", self.batch_size, 1)]
+        checks = [at_least("epochs", self.epochs, 0), at_least("finetune_epochs", self.finetune_epochs, 0),
+                  Check("finetune_lr", lr, lr is None or lr > 0, "null (optimizer.lr / 10) or a learning rate > 0"),
+                  at_least("batch_size", self.batch_size, 1),
+                  at_least("seed", self.seed, 0),  # numpy's seed takes no negative one
+                  instantiable("optimizer", self.optimizer)]
+        optimizer = self.optimizer if isinstance(self.optimizer, DictConfig) else {}
+        if "lr" in optimizer:  # torch refuses a negative one only when the optimizer is built, after the run began
+            checks.append(Check("optimizer.lr", optimizer.lr, number(optimizer.lr) and optimizer.lr > 0,
+                                "a learning rate > 0"))
+        if "weight_decay" in optimizer:
+            decay = optimizer.weight_decay
+            checks.append(Check("optimizer.weight_decay", decay, number(decay) and decay >= 0, "a number >= 0"))
+        if self.scheduler is not None:
+            checks.append(instantiable("scheduler", self.scheduler))
+        return checks
 
 
 @dataclass
@@ -291,13 +367,39 @@ class MeasureConfig:
                 at_least("warmup", self.warmup, 0), at_least("repeats", self.repeats, 2)]
 
 
+# The URI schemes MLflow builds a tracking store for (mlflow.tracking._tracking_service.utils registers them): a plain
+# path or file: (file store), http(s) (a tracking server), databricks, and SQLAlchemy's databases with an optional
+# +driver. Unity Catalog (databricks-uc, uc) is registered only to refuse it. Plugins add schemes as entry points.
+MLFLOW_SCHEMES = ("", "file", "http", "https", "databricks")
+UNITY_CATALOG = ("databricks-uc", "uc")
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+MLFLOW_URIS = ("an MLflow tracking URI: a path, file:, sqlite:///, postgresql://, mysql://, mssql:// (each with "
+               "an optional +driver), http(s)://, databricks, or a scheme an installed MLflow plugin registers")
+
+
+def mlflow_store(uri: str) -> bool:
+    """Whether MLflow has a tracking store for `uri` (it answers only when the run opens it)."""
+    scheme = urlparse(uri).scheme
+    if uri in UNITY_CATALOG or scheme in UNITY_CATALOG:  # MLflow reads the bare names as these schemes too
+        return False
+    if len(scheme) == 1:  # a Windows drive letter: MLflow reads C:\... as a path
+        return True
+    database, _, driver = scheme.partition("+")
+    if scheme in MLFLOW_SCHEMES or (database in MLFLOW_DATABASES and "+" not in driver):
+        return True
+    from importlib.metadata import entry_points  # read only for a scheme MLflow itself does not know
+
+    return scheme in {point.name for point in entry_points(group="mlflow.tracking_store")}
+
+
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch directory
     experiment: str = "pqsweep"
 
     def checks(self) -> list[Check]:
-        return []
+        return [Check("uri", self.uri, mlflow_store(self.uri), MLFLOW_URIS),
+                Check("experiment", self.experiment, bool(self.experiment.strip()), "a non-empty experiment name")]
 
 
 @dataclass
@@ -409,6 +511,17 @@ GROUPS = ("model", "dataset", "pruning", "quantization", "train", "measure", "tr
           "sensitivity")
 
 
+def visible_cuda(device: str) -> Check:
+    """device=cuda[:N] names a GPU this process sees. torch loads only here, for a run that would load it anyway."""
+    import torch
+
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    seen = f"cpu, or cuda:N with N < {count} (the CUDA devices visible)" if count else \
+        "cpu: no CUDA device is visible (torch.cuda.device_count() is 0)"
+    return Check("device", device, index < count, seen)
+
+
 def validate(cfg: DictConfig) -> None:
     """Every group's own checks, then the rules between groups. Raises ConfigError before any data is loaded."""
     checks = []
@@ -416,7 +529,15 @@ def validate(cfg: DictConfig) -> None:
         schema = OmegaConf.get_type(cfg[group])
         checks += [check._replace(key=f"{group}.{check.key}") for check in schema.checks(cfg[group])]
     p, q = cfg.pruning, cfg.quantization
-    checks.append(Check("device", cfg.device, cfg.device.split(":")[0] in ("cpu", "cuda"), "cpu or cuda[:N]"))
+    device = Check("device", cfg.device, re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) is not None, "cpu or cuda[:N]")
+    if device.ok and cfg.device.startswith("cuda"):
+        device = visible_cuda(cfg.device)
+    checks.append(device)
+    side = cfg.dataset.resize or cfg.dataset.image_size  # what the model gets; null where the data set is unknown
+    if side is not None:
+        low = cfg.model.min_image_size
+        checks.append(Check("model", cfg.model.name, side >= low, f"a model that runs on the data set's {side} px "
+                            f"images ({cfg.model.name} needs >= {low} px: set dataset.resize={low} or more)"))
     if q.order == Order.quantize_then_prune:
         checks.append(Check("pruning", p.name, p.stored_weights, "an option that prunes stored weights (its option "
                             "file says stored_weights: true) with quantization.order=quantize_then_prune"))

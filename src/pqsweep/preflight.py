@@ -3,7 +3,8 @@
 A bad value exits 1 with one line naming the key and the allowed values, before any data is loaded or any trial
 starts, so a typo in the ninth grid point does not surface after eight trials have trained. It composes with the
 same search path the app will use (the packaged configs, `--config-dir`, `hydra.searchpath`), so a user's own
-options are checked like the built-in ones. Nothing here imports torch or mlflow.
+options are checked like the built-in ones. Nothing here imports torch or mlflow (validate asks torch about the GPUs
+only for device=cuda, and for its hub folder only for model.pretrained=true).
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
 
     Continuous sweeps (interval) are left to the sweeper, which samples inside their bounds. Call it inside an
     initialized Hydra context: glob sweeps over a group (`model=glob(resnet*)`) need the config loader. Of the
-    `hydra.*` overrides only the search path shapes what composes, so only it is kept.
+    `hydra.*` overrides only the search path and Hydra's own group choices (`hydra/sweeper/sampler=tpe`) shape what
+    composes, so only they are kept: an unknown sampler or launcher is refused here too.
     """
     fixed, sweeps = [], []
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     for override in parser.parse_overrides(overrides):
-        if override.is_hydra_override() and override.get_key_element() != "hydra.searchpath":
+        key = override.get_key_element()
+        if override.is_hydra_override() and key != "hydra.searchpath" and "/" not in key:
             continue
         if not override.is_sweep_override():
             fixed.append(override.input_line)
@@ -128,7 +131,8 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
 
 def preflight(argv: list[str], prog: str = "pqsweep", config_name: str = "config",
               require: Callable[[DictConfig], None] | None = None) -> None:
-    args, _ = get_args_parser().parse_known_args(argv)
+    # intermixed, as Hydra parses: overrides on both sides of a flag (`pqsweep a=1 -m b=2,3`) are all checked
+    args, _ = get_args_parser().parse_known_intermixed_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return  # Hydra answers these itself
     problem = check(args.overrides, args.config_name or config_name, args.config_dir, require)
