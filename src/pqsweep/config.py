@@ -396,6 +396,7 @@ def mlflow_store(uri: str) -> bool:
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch directory
     experiment: str = "pqsweep"
+    run_id: Optional[str] = None  # set by the sweeper: the MLflow run it created for this trial
 
     def checks(self) -> list[Check]:
         return [Check("uri", self.uri, mlflow_store(self.uri), MLFLOW_URIS),
@@ -432,6 +433,10 @@ def directions(objectives) -> list[str]:
 class StudyConfig:
     name: str = "adhoc"  # the `sweep` tag of every run; sweep files set it
     objectives: List[str] = field(default_factory=lambda: ["top1"])  # metrics the task returns, in order
+    # Where the Optuna study is kept: an Optuna storage URL (sqlite:///, postgresql+psycopg://) or a journal file
+    # (*.journal). null: optuna.journal beside the MLflow SQLite store (pqsweep.study.default_storage).
+    storage: Optional[str] = None
+    trial: Optional[int] = None  # set by the sweeper: this run's Optuna trial number
 
     def checks(self) -> list[Check]:
         ok = bool(self.objectives) and all(name in OBJECTIVES for name in self.objectives)
