@@ -21,8 +21,12 @@ def in_session_tmp_path(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own tmp_path: a relative path a test forgets to set lands there, not in the checkout."""
+    """Every test runs in its own tmp_path: a relative path a test forgets to set lands there, not in the checkout.
+    mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; it is unset again after each test, so no later test's
+    subprocess inherits an experiment of another test's store."""
     monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "PQSWEEP_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def test_preparing_an_existing_store_changes_nothing_and_takes_no_lock(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     prepare_tracking_store(uri)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id="0"):  # the Default experiment: not an earlier test's active one
         pass
     (tmp_path / "mlflow.db.lock").unlink()
     prepare_tracking_store(uri)

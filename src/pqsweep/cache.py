@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Fields that do not change the trained weights: where the data lives, and what happens after baseline training.
 NOT_IN_KEY = {
-    "dataset": {"root", "download"},
+    "model": {"min_image_size", "weights"},  # facts the pre-run check reads
+    "dataset": {"root", "download", "image_size", "files", "downloadable"},
     "train": {"finetune_epochs", "finetune_lr"},
 }
 

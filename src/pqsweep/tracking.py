@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -18,16 +17,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pqsweep.stores import absolute_uri, prepare_tracking_store
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "PQSWEEP_PARENT_RUN_ID"
 GROUPS = ("model", "dataset", "pruning", "quantization")
 
 
-def resolve_uri(uri: str) -> str:
-    """sqlite:///relative.db -> sqlite:////absolute/relative.db, so every process of a sweep writes one store."""
-    match = re.fullmatch(r"sqlite:///(?!/)(.+)", uri)
-    return f"sqlite:///{Path(match.group(1)).resolve()}" if match else uri
+resolve_uri = absolute_uri  # sqlite:///relative.db -> absolute, so every process of a sweep writes one store
 
 
 def setup(cfg: DictConfig) -> str:
@@ -37,6 +35,7 @@ def setup(cfg: DictConfig) -> str:
     default is `./mlruns` under whatever directory the process happens to run in).
     """
     uri = resolve_uri(cfg.tracking.uri)
+    prepare_tracking_store(uri)  # a fresh SQLite store is created once, under a lock, before anyone writes to it
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
         location = None
