@@ -69,7 +69,9 @@ def point(trial) -> tuple:
 
 def assert_whole(tmp_path: Path, points: int, name: str = GRID_NAME) -> None:
     """Every point COMPLETE exactly once, one FINISHED trial run per point, nothing RUNNING, one FINISHED parent."""
-    trials = study(tmp_path, name).trials
+    stored = study(tmp_path, name)
+    assert stored.metric_names == ["top1"]  # the objectives, by name
+    trials = stored.trials
     complete = collections.Counter(point(t) for t in trials if t.state == TrialState.COMPLETE)
     assert len(complete) == points and set(complete.values()) == {1}
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -237,3 +239,15 @@ def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat(tmp_path):
     (killed,) = [r for r in runs(tmp_path, "trial") if r.info.status == "KILLED"]
     assert killed.info.run_id == running.user_attrs["mlflow_run_id"]
     assert killed.data.tags["interrupted"] == "its heartbeat stopped"
+
+
+def test_four_runs_started_at_once_on_a_fresh_store_are_all_recorded(tmp_path):
+    # MLflow migrates a fresh SQLite store unlocked; pqsweep creates it once, under a lock, before anyone writes.
+    runs_at_once = [subprocess.Popen([sys.executable, "-m", "pqsweep.cli", *TINY, "train.epochs=0",
+                                      f"train.seed={seed}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                      f"cache.dir={tmp_path}/cache"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    outputs = [run.communicate(timeout=600) for run in runs_at_once]
+    assert [run.returncode for run in runs_at_once] == [0, 0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert not [err for _, err in outputs if "alembic" in err or "duplicate column" in err]
+    assert sorted(r.info.status for r in runs(tmp_path, "trial")) == ["FINISHED"] * 4

@@ -127,7 +127,7 @@ class StudyRun:
         if self.created or studies.FIXED_ATTR not in self.study.user_attrs:  # new, or made outside pqsweep
             self.study.set_user_attr(studies.FIXED_ATTR, fixed)
             self.study.set_user_attr(studies.SPACE_ATTR, space)
-            self.study.set_user_attr("objectives", self.objectives)
+            self.study.set_metric_names(self.objectives)  # what optuna-dashboard and load_study show
         self.parent = self.open_parent()
         self.study.set_user_attr(studies.READY_ATTR, True)
         self.points = studies.grid_points(self.choices) if self.grid else []
