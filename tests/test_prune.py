@@ -189,7 +189,7 @@ def test_fp16_weights_are_pruned_as_fp16(trained_wide, digits):
 def test_pipeline_quantize_then_prune_keeps_the_int8_format(trained_wide, digits):
     cfg = compose_cfg("pruning=random", "pruning.amount=0.5", "quantization=static_int8",
                       "quantization.order=quantize_then_prune", "quantization.calibration_batches=2")
-    deployed, float_model = pipeline.compress(cfg, copy.deepcopy(trained_wide), finetuning(digits))
+    deployed, float_model, _ = pipeline.compress(cfg, copy.deepcopy(trained_wide), finetuning(digits))
     assert len(qweights(deployed)) == 4 and all(w.dtype == torch.qint8 for w in qweights(deployed).values())
     assert measure.parameter_counts(deployed)["sparsity"] == pytest.approx(0.5, abs=1e-4)  # int8 zeros count first
     assert weights.footprint(float_model)[1] == 0  # the float model is not pruned

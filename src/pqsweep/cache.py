@@ -3,6 +3,10 @@
 One mechanism, one file per entry (`<stage>-<key>.pt` under `cache.dir`), for every stage that uses it:
 - `baseline`: the trained baseline. Change a field that affects training and the key changes; change pruning,
   quantization, fine-tuning or an evaluation setting and every trial reuses the same baseline.
+- `pruned`: the pruned and fine-tuned model, shared by every precision of one sparsity in a grid: a trial whose
+  prune stage exists only quantizes and measures. Filter-pruned layers keep their new shapes as numbers
+  (`weights.structure`), replayed on a fresh model before its weights load, so the entry is tensors only.
+- `measured`: the baseline's metrics, measured once per baseline and measurement setting.
 - `data`: the splits of an in-memory data set (digits, mnist5k), so a run on them needs neither the parse nor the
   scikit-learn import of the split again.
 Writes are atomic, loads take tensors only (`weights_only`), and a file lock makes parallel trials that need the
@@ -49,6 +53,20 @@ def baseline_key(cfg: DictConfig) -> str:
         shaping[group] = {k: v for k, v in node.items() if k not in NOT_IN_KEY.get(group, set())}
     shaping["device"] = cfg.device.split(":")[0]
     return _digest(shaping)
+
+
+def pruned_key(cfg: DictConfig) -> str:
+    """What shapes the pruned, fine-tuned model: the baseline, the pruning option, fine-tuning and the seed. A
+    per-layer amounts file enters by its content, not its path."""
+    pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
+    if pruning.get("layer_amounts"):
+        pruning["layer_amounts"] = hashlib.sha256(Path(pruning["layer_amounts"]).read_bytes()).hexdigest()
+    finetune = {k: cfg.train[k] for k in ("finetune_epochs", "finetune_lr")}
+    return _digest({"baseline": baseline_key(cfg), "pruning": pruning, "finetune": finetune, "seed": cfg.train.seed})
+
+
+def measured_key(cfg: DictConfig) -> str:
+    return _digest({"baseline": baseline_key(cfg), "measure": OmegaConf.to_container(cfg.measure, resolve=True)})
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -139,6 +157,21 @@ class StageCache:
 class BaselineCache(StageCache):
     stage = "baseline"
     fields = frozenset({"state_dict", "history"})
+
+
+class PrunedCache(StageCache):
+    """The pruned and fine-tuned model: its weights, the shapes structured pruning gave its layers, and the random
+    state the stage left behind (calibration draws from the training loader after it)."""
+
+    stage = "pruned"
+    fields = frozenset({"state_dict", "structure", "rng", "loader_rng"})
+
+
+class MeasuredCache(StageCache):
+    """The baseline's own metrics, measured once per baseline and measurement setting."""
+
+    stage = "measured"
+    fields = frozenset({"metrics"})
 
 
 class DataCache(StageCache):

@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pqsweep import measure
-from pqsweep.cache import BaselineCache, DataCache, baseline_key, data_key
+from pqsweep.cache import (BaselineCache, DataCache, MeasuredCache, PrunedCache, baseline_key, data_key, measured_key,
+                           pruned_key)
 from pqsweep.config import Export, Order, validate
 from pqsweep.data import DataSplits
-from pqsweep.weights import footprint
+from pqsweep.weights import footprint, restore_structure, structure
 from pqsweep.train import Context, fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class RunResult:
     metrics: dict[str, float]
     baseline: Baseline
     baseline_metrics: dict[str, float]
+    stages_cached: dict[str, bool] = field(default_factory=dict)  # {"prune": True, ...}: loaded, computed nothing
 
 
 def load_splits(cfg: DictConfig) -> DataSplits:
@@ -107,23 +109,63 @@ def quantize(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
     return get_method(cfg.quantization._target_)(model.cpu().eval(), cfg.quantization, ctx)
 
 
-def compress(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, nn.Module]:
-    """(deployed model, its float counterpart) in the order `quantization.order` asks for.
+def pruned(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, bool]:
+    """(prune_and_finetune's model, whether it came from the cache). The cache holds it under the hash of what
+    shaped it, with the random state the stage left, so what follows (calibration) sees the same batches."""
+    cache, key = PrunedCache(cfg.cache.dir), pruned_key(cfg)
+    with cache.lock(key):  # parallel trials that share a sparsity prune and fine-tune it once
+        entry = cache.load(key)
+        if entry is not None:
+            loaded = copy.deepcopy(model)
+            try:
+                restore_structure(loaded, entry["structure"], entry["state_dict"])
+                loaded.load_state_dict(entry["state_dict"])
+                with torch.no_grad():
+                    loaded.eval()(ctx.example.to(next(loaded.parameters()).device))  # the shapes fit each other
+            except (KeyError, RuntimeError) as error:  # a model whose layers the entry does not describe
+                log.warning("pruned %s: cached entry does not fit the model (%s); pruning again", key,
+                            str(error).splitlines()[0][:200])
+            else:
+                torch.set_rng_state(entry["rng"])
+                ctx.loaders["train"].generator.set_state(entry["loader_rng"])
+                log.info("pruned %s: loaded from cache %s (pruned and fine-tuned nothing)", key, cache.path(key))
+                return loaded.cpu().eval(), True
+        model = prune_and_finetune(cfg, model, ctx)
+        cache.save(key, {"state_dict": model.state_dict(), "structure": structure(model),
+                         "rng": torch.get_rng_state(), "loader_rng": ctx.loaders["train"].generator.get_state(),
+                         "config": OmegaConf.to_yaml(cfg.pruning)})
+        return model, False
+
+
+def compress(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, nn.Module, bool | None]:
+    """(deployed model, its float counterpart, whether the prune stage was cached) in `quantization.order`.
 
     quantize_then_prune prunes the stored (e.g. int8) weights in their own domain, with no fine-tuning: a
-    converted int8 model has no float weights to train.
+    converted int8 model has no float weights to train, and its pruning is cheap, so it is not cached.
     """
     if cfg.quantization.order == Order.quantize_then_prune:
         deployed = quantize(cfg, model, ctx)
         deployed = get_method(cfg.pruning._target_)(deployed, cfg.pruning, ctx)
-        return deployed, model
-    model = prune_and_finetune(cfg, model, ctx)
-    return quantize(cfg, model, ctx), model
+        return deployed, model, None
+    model, cached = pruned(cfg, model, ctx)
+    return quantize(cfg, model, ctx), model, cached
 
 
 def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
     with tqdm(total=len(loader), desc=desc, unit="batch", leave=False) as bar:
         return measure.accuracy(model, loader, progress=bar)
+
+
+def measured(cfg: DictConfig, model: nn.Module, loaders, example: torch.Tensor) -> tuple[dict[str, float], bool]:
+    """The baseline's metrics, and whether they came from the cache (every trial of a sweep shares them)."""
+    cache, key = MeasuredCache(cfg.cache.dir), measured_key(cfg)
+    with cache.lock(key):
+        entry = cache.load(key)
+        if entry is not None:
+            return dict(entry["metrics"]), True
+        metrics = measure_all(model, model, loaders, example, cfg.measure)
+        cache.save(key, {"metrics": metrics})
+        return metrics, False
 
 
 def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
@@ -150,15 +192,15 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     model.cpu().eval()
     example = next(iter(loaders["test"]))[0][:1]
 
-    # The baseline as deployed at fp32, measured in this process so deltas compare like with like.
-    baseline_metrics = measure_all(model, model, loaders, example, cfg.measure)
+    # The baseline as deployed at fp32, measured once per baseline and measurement setting.
+    baseline_metrics, measured_cached = measured(cfg, model, loaders, example)
 
     # Same random state after the baseline whether it was trained here or loaded: a trial's result must not
     # depend on whether it was the one that filled the cache.
     seed_everything(cfg.train.seed)
     loaders["train"].generator.manual_seed(cfg.train.seed)
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
-    deployed, compressed = compress(cfg, copy.deepcopy(model), ctx)
+    deployed, compressed, prune_cached = compress(cfg, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
 
     if cfg.export != Export.none:
@@ -172,4 +214,5 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["reduction_factor"] = baseline_metrics["size_mb"] / metrics["size_mb"]
     metrics["reduction_factor_gzip"] = baseline_metrics["size_gzip_mb"] / metrics["size_gzip_mb"]
     metrics["baseline_top1"] = baseline_metrics["top1"]
-    return RunResult(metrics, base, baseline_metrics)
+    stages = {"baseline_metrics": measured_cached} | ({} if prune_cached is None else {"prune": prune_cached})
+    return RunResult(metrics, base, baseline_metrics, stages)

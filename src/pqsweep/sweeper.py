@@ -45,6 +45,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _
 from pqsweep.config import directions
 
 log = logging.getLogger(__name__)
+LATE_STAGES = ("quantization", "measure", "export")  # keys that do not change the prune stage
 ADHOC = "adhoc"  # study.name's default: a command-line grid is then named after its swept keys
 
 
@@ -165,6 +166,9 @@ class StudyRun:
                     del space[key]  # a budgeted search keeps the plugin's rule: the command line fixes the key
                     continue
                 del fixed[key]
+        # Points that share a prune stage run one after another (quantization varies fastest), so it is computed
+        # once and loaded by the rest (pqsweep.cache.PrunedCache), not computed by parallel workers at once.
+        choices = dict(sorted(choices.items(), key=lambda item: item[0].startswith(LATE_STAGES)))
         overrides = [f"{k}={v}" for k, v in fixed.items()] + list(deletes)
         if self.grid and not choices:
             raise StudyMismatch("a grid sweep needs swept keys: give some (key=a,b) or choose a sweep file")

@@ -210,7 +210,8 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
             result = run(cfg, artifact_dir=exported)
             if any(Path(exported).iterdir()):
                 mlflow.log_artifacts(exported, "model")
-        mlflow.set_tag("baseline_cached", str(result.baseline.cached).lower())
+        mlflow.set_tags({"baseline_cached": str(result.baseline.cached).lower()} |
+                        {f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()})
         mlflow.log_metrics(result.metrics)
     with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
         log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)

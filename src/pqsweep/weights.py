@@ -173,3 +173,35 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         for name, module in prunable_layers(model):
             if name in masks and masks[name].any():
                 module.weight.masked_fill_(masks[name], 0.0)
+
+
+# -- layer shapes, for a structurally pruned model stored as tensors and numbers only (the prune stage cache) ------
+
+SHAPED = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.Linear: ("in_features", "out_features"),
+          nn.BatchNorm2d: ("num_features",), nn.BatchNorm1d: ("num_features",)}
+
+
+def structure(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The shape-defining attributes of every Conv2d, Linear and BatchNorm layer."""
+    return {name: {attr: getattr(module, attr) for attr in SHAPED[type(module)]}
+            for name, module in model.named_modules() if type(module) in SHAPED}
+
+
+def restore_structure(model: nn.Module, shapes: dict[str, dict[str, int]], state: dict[str, torch.Tensor]) -> None:
+    """Give `model`'s layers the shapes in `shapes` and empty tensors shaped as `state`'s, ready to load `state`."""
+    modules = dict(model.named_modules())
+    for name, attrs in shapes.items():
+        module = modules[name]
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
+        for kind in ("parameters", "buffers"):
+            for leaf, tensor in list(getattr(module, f"named_{kind}")(recurse=False)):
+                saved = state[f"{name}.{leaf}" if name else leaf]
+                if tensor is not None and saved.dim() != tensor.dim():
+                    raise RuntimeError(f"{name}.{leaf}: {saved.dim()}-d in the entry, {tensor.dim()}-d in the model")
+                if tensor is not None and tensor.shape != saved.shape:
+                    replacement = torch.empty_like(saved, dtype=tensor.dtype)
+                    if kind == "parameters":
+                        setattr(module, leaf, nn.Parameter(replacement, requires_grad=tensor.requires_grad))
+                    else:
+                        module.register_buffer(leaf, replacement)
