@@ -186,3 +186,15 @@ def test_command_writes_the_amounts_file(tmp_path):
         refused = subprocess.run([*command, bad], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert refused.returncode == 1
         assert refused.stderr.strip().splitlines() == [f"pqsweep-sensitivity: error: {message}"]
+
+
+def test_a_second_scan_at_another_tolerance_loads_the_curves_and_prunes_nothing(scan_cfg, caplog):
+    first, strict = scan(scan_cfg(f"sensitivity.amounts={AMOUNTS}", "sensitivity.tolerance=0"))
+    with caplog.at_level("INFO", logger="pqsweep.sensitivity"):
+        again, loose = scan(scan_cfg(f"sensitivity.amounts={AMOUNTS}", "sensitivity.tolerance=100"))
+    assert not first.cached and again.cached and "pruned nothing" in caplog.text
+    assert again.rows == first.rows and again.info == first.info and again.baseline_top1 == first.baseline_top1
+    assert all(loose[layer] == max(AMOUNTS) for layer in loose)  # the choice is made again, at the new tolerance
+    assert sum(strict.values()) < sum(loose.values())
+    other, _ = scan(scan_cfg(f"sensitivity.amounts={AMOUNTS}", "sensitivity.split=train"))
+    assert not other.cached  # another split: other curves

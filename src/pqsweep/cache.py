@@ -7,6 +7,7 @@ One mechanism, one file per entry (`<stage>-<key>.pt` under `cache.dir`), for ev
   prune stage exists only quantizes and measures. Filter-pruned layers keep their new shapes as numbers
   (`weights.structure`), replayed on a fresh model before its weights load, so the entry is tensors only.
 - `measured`: the baseline's metrics, measured once per baseline and measurement setting.
+- `curves`: a sensitivity scan's per-layer curves, so choosing amounts at another tolerance prunes nothing.
 - `data`: the splits of an in-memory data set (digits, mnist5k), so a run on them needs neither the parse nor the
   scikit-learn import of the split again.
 Writes are atomic, loads take tensors only (`weights_only`), and a file lock makes parallel trials that need the
@@ -67,6 +68,15 @@ def pruned_key(cfg: DictConfig) -> str:
 
 def measured_key(cfg: DictConfig) -> str:
     return _digest({"baseline": baseline_key(cfg), "measure": OmegaConf.to_container(cfg.measure, resolve=True)})
+
+
+def curves_key(cfg: DictConfig) -> str:
+    """A scan's curves depend on the baseline, the pruning option (less the amounts the scan sets itself), the
+    amounts scanned and the split they are measured on; not on the tolerance or the output file."""
+    pruning = {k: v for k, v in OmegaConf.to_container(cfg.pruning, resolve=True).items()
+               if k not in ("amount", "layer_amounts")}
+    scan = {"amounts": sorted(float(a) for a in cfg.sensitivity.amounts), "split": cfg.sensitivity.split}
+    return _digest({"baseline": baseline_key(cfg), "pruning": pruning, "scan": scan})
 
 
 def data_key(cfg: DictConfig) -> str:
@@ -172,6 +182,13 @@ class MeasuredCache(StageCache):
 
     stage = "measured"
     fields = frozenset({"metrics"})
+
+
+class CurvesCache(StageCache):
+    """A sensitivity scan's curves: a second scan with another tolerance or output file prunes nothing."""
+
+    stage = "curves"
+    fields = frozenset({"baseline_top1", "rows", "info"})
 
 
 class DataCache(StageCache):

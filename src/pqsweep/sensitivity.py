@@ -60,12 +60,11 @@ def scan(cfg: DictConfig):
     """The baseline as the pipeline gets it, then top-1 with each layer pruned alone and with every layer pruned,
     at every amount; returns the curves and the chosen {layer: amount}."""
     from pqsweep import measure
+    from pqsweep.cache import CurvesCache, curves_key
     from pqsweep.config import validate
     from pqsweep.pipeline import baseline, build_model, load_data
-    from pqsweep.reports.sensitivity import ALL_LAYERS, Curves, choose
+    from pqsweep.reports.sensitivity import Curves, choose
     from pqsweep.train import Context, seed_everything
-    from pqsweep.weights import prunable_layers
-    from tqdm.auto import tqdm
 
     validate(cfg)
     scannable(cfg)
@@ -81,8 +80,32 @@ def scan(cfg: DictConfig):
     example = next(iter(loader))[0][:1]
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
 
+    cache, key = CurvesCache(cfg.cache.dir), curves_key(cfg)
+    with cache.lock(key):
+        entry = cache.load(key)
+        if entry is not None:
+            log.info("curves %s: loaded from cache %s (pruned nothing)", key, cache.path(key))
+            curves = Curves(entry["baseline_top1"], base.key, base.cached, list(entry["rows"]), dict(entry["info"]),
+                            cached=True)
+        else:
+            curves = measure_curves(cfg, model, loader, ctx, base)
+            cache.save(key, {"baseline_top1": curves.baseline_top1, "rows": curves.rows, "info": curves.info})
+    chosen = choose(curves, s.tolerance)
+    with_chosen = _pruned(model, cfg, ctx, 0.0, chosen)
+    curves.chosen = {"chosen_top1": measure.accuracy(with_chosen, loader)["top1"],
+                     **{f"chosen_{k}": v for k, v in measure.parameter_counts(with_chosen).items()}}
+    return curves, chosen
+
+
+def measure_curves(cfg: DictConfig, model, loader, ctx, base):
+    """Top-1 with each layer pruned alone and with every layer pruned, at every amount."""
+    from pqsweep import measure
+    from pqsweep.reports.sensitivity import ALL_LAYERS, Curves
+    from pqsweep.weights import prunable_layers
+    from tqdm.auto import tqdm
+
     curves = Curves(measure.accuracy(model, loader)["top1"], base.key, base.cached)
-    amounts = sorted(float(a) for a in s.amounts)
+    amounts = sorted(float(a) for a in cfg.sensitivity.amounts)
     layers = [(name, module) for name, module in prunable_layers(model)]
     unchanged, seen = _signature(model), {}
     with tqdm(total=(len(layers) + 1) * len(amounts), desc="sensitivity", unit="point", leave=False) as bar:
@@ -106,11 +129,7 @@ def scan(cfg: DictConfig):
         for amount in amounts:
             curves.add(ALL_LAYERS, amount, measure.accuracy(_pruned(model, cfg, ctx, amount, None), loader)["top1"])
             bar.update(1)
-    chosen = choose(curves, s.tolerance)
-    with_chosen = _pruned(model, cfg, ctx, 0.0, chosen)
-    curves.chosen = {"chosen_top1": measure.accuracy(with_chosen, loader)["top1"],
-                     **{f"chosen_{k}": v for k, v in measure.parameter_counts(with_chosen).items()}}
-    return curves, chosen
+    return curves
 
 
 def write_amounts(amounts: dict[str, float], path: str) -> str:
@@ -150,7 +169,8 @@ def run_and_log(cfg: DictConfig):
         mlflow.log_figure(plot(curves, cfg), "sensitivity.png")
         metrics = {"baseline_top1": curves.baseline_top1, **curves.chosen}
         metrics.update({f"chosen_amount/{_key(layer)}": amount for layer, amount in amounts.items()})
-        tags = {"baseline_hash": curves.baseline_key, "baseline_cached": str(curves.baseline_cached).lower()}
+        tags = {"baseline_hash": curves.baseline_key, "baseline_cached": str(curves.baseline_cached).lower(),
+                "curves_cached": str(curves.cached).lower()}
         tracking.log_batch(client, run_id, metrics=metrics, tags=tags)
         # Each curve also as a metric series (step = amount in percent), so the MLflow UI can chart it.
         series = [Metric(f"top1/{_key(r['layer'])}", r["top1"], 0, round(100 * r["amount"])) for r in curves.rows]
