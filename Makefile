@@ -7,6 +7,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SWEEP ?= mnist_cnn_sparsity_x_precision
 STAMP := $(VENV)/.installed
+# Every script in benchmarks/ is a benchmark but its helpers (plain_grid.py: framework.py's reference side;
+# timed_sweep.py: how the sweep benchmarks run a sweep and read it back). `make bench` runs each with its defaults or
+# BENCH_ARGS_<name>, sized so that all of them take under 20 min on the shared 2-core machine, at one torch thread:
+# there a second thread waits on other jobs, and the same command's time varied up to 6x from run to run.
+BENCH_HELPERS := plain_grid timed_sweep
+BENCHMARKS := $(filter-out $(BENCH_HELPERS),$(basename $(notdir $(wildcard benchmarks/*.py))))
+BENCH_ARGS_startup := --repeats 3
+BENCH_ARGS_methods := --csv results/methods_cnn_mnist5k.csv
+# speed.py's full rounds alone took 14 min here; --quick, 6 min
+BENCH_ARGS_speed := --quick
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,10 +45,18 @@ sweep: install ## run one study from sweeps/: make sweep SWEEP=<name>
 report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
 	$(BIN)/pqsweep-report $(SWEEP)
 
+bench: install $(addprefix bench-,$(BENCHMARKS)) ## run every benchmark in turn (15 min), CSVs in results/; make bench-<name>: one
+
+bench-%: install
+	@echo "== benchmarks/$*.py $(BENCH_ARGS_$*)"
+	@start=$$(date +%s); OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/$*.py $(BENCH_ARGS_$*); \
+	echo "== benchmarks/$*.py: $$(( $$(date +%s) - start )) s"
+
 ui: install ## the MLflow UI for ./mlflow.db on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean: ## remove run outputs, the baseline cache and the local MLflow store (keeps .venv)
 	rm -rf outputs multirun .pqsweep_cache mlflow.db mlartifacts .pytest_cache
 
-.PHONY: help install run test test-fast sweep report ui clean
+.PHONY: help install run test test-fast sweep report bench ui clean
+.NOTPARALLEL: bench  # benchmarks side by side would time each other
