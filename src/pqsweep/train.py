@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,8 +44,11 @@ def fit(
     model.to(device).train()
     overrides = {"lr": lr} if lr is not None else {}
     trusted = {"_execution_whitelist_": TRUSTED_TARGETS}
-    optimizer = instantiate(train_cfg.optimizer, params=model.parameters(), **overrides, **trusted)
-    scheduler = instantiate(train_cfg.scheduler, optimizer=optimizer, **trusted) if train_cfg.scheduler else None
+    # Plain resolved dicts: instantiate deep-copies a config node together with its whole root config (to resolve
+    # interpolations), 5-60 ms per call here, a tenth of a one-epoch fine-tuning of the cnn on mnist5k.
+    optimizer = instantiate(_resolved(train_cfg.optimizer), params=model.parameters(), **overrides, **trusted)
+    scheduler = instantiate(_resolved(train_cfg.scheduler), optimizer=optimizer, **trusted) \
+        if train_cfg.scheduler else None
     loss_fn = nn.CrossEntropyLoss()
     history = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
@@ -66,6 +70,11 @@ def fit(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history
+
+
+def _resolved(node):
+    """A config node as a plain container, its interpolations (e.g. `T_max: ${train.epochs}`) resolved."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 @dataclass
