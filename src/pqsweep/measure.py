@@ -3,8 +3,9 @@
 Definitions (also in the README). "Stored tensors" are the entries of `model.state_dict()` as torch.save writes
 them: a torch.ao quantized tensor is its int8 integers plus its scale(s) (float64) and zero point(s) (int64), one
 pair per tensor or per output channel; a quantized Linear's packed (weight, bias) tuple counts as its two tensors.
-A *weight* is a stored tensor of 2 or more dimensions that is an nn.Parameter or holds integers (Conv/Linear
-weights, float or int8, including PT2E's int8 weight buffers); a *parameter* is a weight, any other nn.Parameter
+A *weight* is a stored tensor of 2 or more dimensions that is an nn.Parameter, holds integers or is sparse
+(Conv/Linear weights, float or int8, including PT2E's int8 weight buffers and quantization=sparse's CSR buffers, which
+torch.save writes as their row pointers, column indices and values); a *parameter* is a weight, any other nn.Parameter
 (BatchNorm's affine) or a bias (a quantized layer's need not be a Parameter); everything else (BatchNorm running
 statistics, quantization scales and zero points) is neither. A weight is zero where its real (dequantized) value is 0.
 - size_mb: bytes of `torch.save(model.state_dict())` of the deployable model (int8 weights stored as int8,
@@ -126,11 +127,13 @@ def _describe(name: str, tensor: torch.Tensor, weight_bits: int | None) -> Itera
         for suffix, qparam in (("scales", scales), ("zero_points", zero_points)):
             yield Stored(f"{name}.{suffix}", qparam, "other", int(torch.count_nonzero(qparam)),
                          qparam.element_size() * 8)
+    elif tensor.layout != torch.strided:  # a sparse (CSR) weight: numel and element_size are its dense shape's
+        values, nonzero = tensor, int(torch.count_nonzero(tensor.values()))
     else:
         values, nonzero = tensor, int(torch.count_nonzero(tensor))
     stored_bits = values.element_size() * 8
     integers = not values.is_floating_point() and values.dtype != torch.bool  # int8 weights; a bool mask is none
-    if tensor.dim() >= 2 and (learned or integers):
+    if tensor.dim() >= 2 and (learned or integers or tensor.layout != torch.strided):
         yield Stored(name, values, "weight", nonzero, weight_bits or stored_bits)
     else:
         yield Stored(name, values, "param" if learned else "other", nonzero, stored_bits)
