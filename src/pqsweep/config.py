@@ -358,8 +358,11 @@ class TrainConfig:
 class MeasureConfig:
     eval_batch_size: int = 256
     threads: int = 1  # torch threads during the latency measurement, logged as a param
-    warmup: int = 10  # untimed calls before timing
-    repeats: int = 50  # timed batch-1 calls; p50/p90 over these
+    # 20 / 200: over 20 measurements of resnet18_cifar on the shared 2-core machine its p50 moved by 5.7 % (IQR /
+    # median; 3-9 % in four other runs), against 14.1 % with the former 10 / 50 (3-14 %), and 10 / 100 ranged from
+    # 2 to 11 % (benchmarks/speed.py stability). It costs about 12 s a measurement on resnet18_cifar, 0.1 s on the cnn.
+    warmup: int = 20  # untimed calls before timing
+    repeats: int = 200  # timed batch-1 calls; p50/p90 over these
     top5: bool = True
 
     def checks(self) -> list[Check]:
