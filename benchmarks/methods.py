@@ -50,6 +50,8 @@ METHODS = [
         "pruning=global_magnitude", "pruning.amount=0.9", "quantization=static_int8",
         "quantization.order=quantize_then_prune"]),
     ("l1_filter 0.5 -> static_int8", ["pruning=l1_filter", "pruning.amount=0.5", "quantization=static_int8"]),
+    ("global_magnitude 0.9 -> sparse (CSR)", ["pruning=global_magnitude", "pruning.amount=0.9",
+                                              "quantization=sparse"]),
 ]
 COLUMNS = ["top1", "size_mb", "size_gzip_mb", "size_sparse_mb", "size_theoretical_mb", "macs", "latency_ms_p50"]
 
