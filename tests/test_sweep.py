@@ -38,7 +38,8 @@ def test_grid_multirun_logs_children_under_one_parent_and_trains_once(tmp_path):
     done = pqsweep(tmp_path, "pruning=global_magnitude", "pruning.amount=0,0.5", "quantization=none,static_int8")
     output = done.stdout + done.stderr
     assert output.count("not in cache, training") == 1
-    assert output.count("loaded from cache") == 3
+    assert output.count("(trained nothing)") == 3  # the baseline, loaded by the other three trials
+    assert output.count("(pruned and fine-tuned nothing)") == 2  # each sparsity pruned once, for both precisions
 
     parent, children, baselines = sweep_runs(tmp_path)
     assert parent.info.status == "FINISHED"
