@@ -34,6 +34,7 @@ NOT_FIXED = ("tracking", "cache", "sensitivity", "study.name", "study.storage", 
 FIXED_ATTR, SPACE_ATTR, PARENT_ATTR, READY_ATTR = "pqsweep.fixed", "pqsweep.space", "mlflow_parent_run_id", "pqsweep.ready"
 RUN_ATTR, HOST_ATTR, PID_ATTR, ERROR_ATTR = "mlflow_run_id", "pqsweep.host", "pqsweep.pid", "pqsweep.error"
 DISCARD_ATTR = "pqsweep.discarded"  # a trial that ran nothing (another worker took its point first)
+RECOVERED_ATTR = "pqsweep.recovered"  # COMPLETE from its finished MLflow run: its process died before the tell
 JOURNAL_SUFFIXES = (".journal", ".log")
 
 
@@ -201,23 +202,33 @@ def owner_is_gone(trial: FrozenTrial) -> bool:
     return process_start(int(pid)) != started
 
 
-def reap(study: optuna.Study, on_stale: Callable[[FrozenTrial, str], None]) -> int:
-    """Fail the trials whose process is gone (this host) or whose heartbeat stopped; returns how many.
+def reap(study: optuna.Study, on_stale: Callable[[FrozenTrial, str], None],
+         recorded: Callable[[FrozenTrial], list[float] | None] = lambda trial: None) -> tuple[int, int]:
+    """Settle the trials whose process is gone (this host) or whose heartbeat stopped; returns (completed, failed).
 
-    `on_stale(trial, reason)` closes what the trial left open elsewhere (its MLflow run)."""
+    A trial whose run ended with its results before the process died (a kill between the two) is COMPLETE with
+    `recorded(trial)`'s values, so it is not rerun; the others FAIL and `on_stale(trial, reason)` closes what they
+    left open elsewhere (their MLflow run). Stale heartbeats are failed by Optuna itself."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    completed = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # RDB storages with a heartbeat; the storage's callback closes runs
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if owner_is_gone(trial):
+            values = recorded(trial)
             pid = trial.user_attrs[PID_ATTR].split(":")[0]
             reason = f"its process ({trial.user_attrs[HOST_ATTR]}, pid {pid}) is gone"
             try:
+                if values is not None:
+                    study._storage.set_trial_user_attr(trial._trial_id, RECOVERED_ATTR, reason)
+                    study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, values)
+                    completed += 1
+                    continue
                 study._storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, reason)
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker reaped it first
             on_stale(trial, reason)
     after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    return len(before - after)
+    return completed, len(before - after) - completed

@@ -67,10 +67,6 @@ def is_grid(sampler) -> bool:
     return isinstance(sampler, functools.partial) and sampler.func.__name__ == "GridSampler"
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM while trials ran."""
-
-
 class OptunaSweeper(_PluginSweeper):
     def __init__(self, max_failures: int | None = None, fail_on_failed_trials: bool = True,
                  heartbeat_interval: int = 30, **plugin: Any) -> None:
@@ -204,6 +200,10 @@ class StudyRun:
 
     def on_heartbeat_stale(self, study, trial) -> None:
         self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", "its heartbeat stopped")
+
+    def recorded(self, trial) -> list[float] | None:
+        """The objectives of the trial's MLflow run, when it ended FINISHED with all of them."""
+        return self.tracking.finished_values(trial.user_attrs.get(self.studies.RUN_ATTR), self.objectives)
 
     def on_dead_owner(self, trial, reason: str) -> None:
         self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", reason)
@@ -339,10 +339,13 @@ class StudyRun:
         """Returns the exit code."""
         from optuna.trial import TrialState
 
-        reaped = self.studies.reap(self.study, self.on_dead_owner)
-        if reaped:
+        completed, failed = self.studies.reap(self.study, self.on_dead_owner, self.recorded)
+        if failed:
             log.warning("study %s: %d trial(s) left RUNNING by a dead process: failed, their runs KILLED, rerun",
-                        self.name, reaped)
+                        self.name, failed)
+        if completed:
+            log.warning("study %s: %d trial(s) of a dead process had finished their run: COMPLETE from its metrics",
+                        self.name, completed)
         log.info("study %s in %s: %s", self.name, self.storage_shown, self.plan())
         self.tracking.set_tags(self.parent, {"grid": json.dumps(self.choices, default=str)[:5000]} if self.grid else
                                {"n_trials": str(self.impl.n_trials)})
@@ -359,9 +362,15 @@ class StudyRun:
                     with self.heartbeat(trials):
                         returns = self.impl.launcher.launch([o for _, o in started], initial_job_idx=job_idx)
                     job_idx += len(returns)
-                    for (trial, (run_id, _)), ret in zip(launched, returns):
-                        self.finish(trial, run_id, ret)
-                    launched = []
+                    pending = []
+                    for (trial, (run_id, overrides)), ret in zip(launched, returns):
+                        if self.signal and self.outcome(ret, run_id)[0] is None:
+                            pending.append((trial, (run_id, overrides)))  # failed by the interrupt: KILLED below
+                        else:
+                            self.finish(trial, run_id, ret)
+                    launched = pending
+                    if self.signal:  # it landed where a library caught it: SQLAlchemy raises its own error instead
+                        raise KeyboardInterrupt(signal.Signals(self.signal).name)
         except KeyboardInterrupt:
             name = signal.Signals(self.signal or signal.SIGINT).name
             self.abandon(launched, "KILLED", f"interrupted by {name}")
@@ -399,12 +408,17 @@ class StudyRun:
         from optuna.trial import TrialState
 
         for trial, (run_id, _) in launched:
+            values = self.recorded(trial)
             try:
+                if values is not None:  # its run ended with its results just before the signal
+                    self.study.tell(trial, values=values)
+                    self.ended.append((trial.number, "FINISHED", ""))
+                    continue
                 trial.set_user_attr(self.studies.ERROR_ATTR, reason)
                 self.study.tell(trial, state=TrialState.FAIL)
             except Exception:  # noqa: BLE001 - told already (it ended just before the signal)
                 pass
-            self.tracking.close_run(run_id, status, reason)
+            self.tracking.close_run(run_id, status, reason, replace=("FAILED",) if status == "KILLED" else ())
             self.ended.append((trial.number, status, reason))
 
     # -- what happened -----------------------------------------------------------------------------------------

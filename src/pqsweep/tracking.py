@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -128,19 +129,20 @@ def create_trial_run(experiment_id: str, parent_id: str, name: str, tags: dict[s
     return run.info.run_id
 
 
-def close_run(run_id: str | None, status: str, reason: str | None = None) -> None:
-    """End a run that is still RUNNING (its job died, was interrupted, or the sweep ends); leave an ended one."""
+def close_run(run_id: str | None, status: str, reason: str | None = None, replace: tuple[str, ...] = ()) -> None:
+    """End a run that is still RUNNING (its job died, was interrupted, or the sweep ends); leave an ended one, unless
+    its status is in `replace` (a run FAILED by the error a library raised in place of Ctrl-C was KILLED)."""
     if not run_id:
         return
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
         tag = {"FAILED": "error", "KILLED": "interrupted"}.get(status, "note")
-        if run.info.status not in ("RUNNING", status):
+        if run.info.status not in ("RUNNING", status, *replace):
             return  # it ended otherwise on its own: that is the truth
         if reason and tag not in run.data.tags:  # why it ended: a failure's error, or what interrupted it
             client.set_tag(run_id, tag, reason[:5000])
-        if run.info.status == "RUNNING":
+        if run.info.status != status:
             client.set_terminated(run_id, status)
     except mlflow.exceptions.MlflowException as error:
         log.warning("could not close MLflow run %s as %s: %s", run_id, status, error)
@@ -151,6 +153,22 @@ def run_error(run_id: str) -> str | None:
         return MlflowClient().get_run(run_id).data.tags.get("error")
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def finished_values(run_id: str | None, names: list[str]) -> list[float] | None:
+    """The run's metrics `names` when it ended FINISHED with all of them (a trial whose process died after its run
+    ended but before the sweeper heard of it); else None."""
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    metrics = run.data.metrics
+    if run.info.status != "FINISHED" or not all(name in metrics for name in names):
+        return None
+    values = [float(metrics[name]) for name in names]
+    return None if any(math.isnan(v) for v in values) else values
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
