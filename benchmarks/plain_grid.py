@@ -7,7 +7,8 @@ The reference side of benchmarks/framework.py. It does the work of `pqsweep -m s
 once each: one baseline trained and measured; per non-zero sparsity one global L1 magnitude pruning
 (torch.nn.utils.prune) and one fine-tune with the mask held; per sparsity and precision (fp32, fp16, static int8
 through torch.ao FX, calibrated on 8 training batches) one quantization and one measurement (top-1 on the test
-split, stored size and its gzip, batch-1 latency at one thread: 10 untimed calls, 50 timed). The data and the net
+split, stored size and its gzip, batch-1 latency at one thread: as many untimed and timed calls as pqsweep's measure
+defaults, read from its MeasureConfig). The data and the net
 are pqsweep's own builders (the same images, split and initial weights), the seeds are set where pqsweep sets
 them, so every row's top-1 equals pqsweep's.
 """
@@ -32,12 +33,14 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
+from pqsweep.config import MeasureConfig  # the same number of latency calls as pqsweep's defaults
 from pqsweep.data import mnist5k  # plain functions of torch and numpy: the same images and split
 from pqsweep.models import small_cnn  # the same net
 
 AMOUNTS = (0.0, 0.5, 0.75, 0.9, 0.95, 0.99)
 PRECISIONS = ("none", "fp16", "static_int8")
 SEED = 0
+MEASURE = MeasureConfig()
 
 
 def seed_everything(seed: int) -> None:
@@ -104,8 +107,8 @@ def measure(model: nn.Module, test: DataLoader, example: torch.Tensor) -> dict[s
     weights = [v.dequantize() if v.is_quantized else v for k, v in model.state_dict().items()
                if isinstance(v, torch.Tensor) and v.dim() >= 2]
     timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": example}, num_threads=1)
-    timer.timeit(10)
-    times = np.array([timer.timeit(1).times[0] for _ in range(50)]) * 1e3
+    timer.timeit(MEASURE.warmup)
+    times = np.array([timer.timeit(1).times[0] for _ in range(MEASURE.repeats)]) * 1e3
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "size_mb": len(blob) / 1e6,
             "size_gzip_mb": len(gzip.compress(blob, compresslevel=9)) / 1e6,
             "sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),

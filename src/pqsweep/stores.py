@@ -48,14 +48,21 @@ def at_current_schema(db: Path) -> bool:
     return row is not None and row[0] == _get_latest_schema_revision()
 
 
+_PREPARED: set[str] = set()  # SQLite stores this process found or made at MLflow's schema
+
+
 def prepare_tracking_store(uri: str) -> None:
     """Create and migrate the SQLite store `uri` names unless it is there already; a no-op for other schemes.
 
-    On a store at the current schema this is a read of its revision (~1 ms) and of MLflow's (~15 ms), no lock.
+    On a store at the current schema this is a read of its revision (~1 ms) and of MLflow's (~15 ms), no lock, and
+    once per process: every trial of a sweep in one process would pay it again (28 ms a trial, profiled).
     """
     uri = absolute_uri(uri)
     db = sqlite_file(uri)
-    if db is None or at_current_schema(db):
+    if db is None or uri in _PREPARED:
+        return
+    if at_current_schema(db):
+        _PREPARED.add(uri)
         return
     from mlflow import MlflowClient  # tracking imports this module; composing a config must not load mlflow
 
@@ -69,3 +76,4 @@ def prepare_tracking_store(uri: str) -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     finally:
         os.close(fd)  # closing releases the lock
+    _PREPARED.add(uri)
