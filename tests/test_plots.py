@@ -1,0 +1,181 @@
+"""The Pareto-front plots, rendered for real from hand-made trials: what a reader of the PNG and the HTML would see."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+
+import numpy as np
+import optuna
+from matplotlib.image import imread
+
+from pqsweep.reports.plots import (
+    UNITS,
+    Series,
+    front_figure,
+    front_plotly,
+    method_colours,
+    optuna_views,
+    plot_front,
+    plot_standard,
+)
+
+BASELINE = {"top1": 99.0, "size_mb": 1.7, "latency_ms_p50": 1.2, "macs": 3.0e5}
+
+
+def trial(method, top1, size_mb, status="FINISHED", **more):
+    return {"method": method, "status": status, "run_id": f"run-{method}-{size_mb}", "top1": top1, "size_mb": size_mb,
+            "latency_ms_p50": 0.2 + size_mb / 2, **more}
+
+
+def sweep(label="mnist_grid", shift=0.0) -> Series:
+    """Seven trials: four on the front, two dominated, one FAILED and one finished with a NaN accuracy (not shown)."""
+    points = [
+        trial("global_magnitude·fp32", 98.9 + shift, 1.70),
+        trial("global_magnitude·int8", 98.6 + shift, 0.43),
+        trial("global_magnitude·int8", 97.0 + shift, 0.40),
+        trial("l1_filter·int8", 97.5 + shift, 0.25),
+        trial("l1_filter·int8", 95.0 + shift, 0.12),
+        trial("l1_filter·fp32", 96.0 + shift, 1.00),
+        trial("l1_filter·fp32", 90.0, 0.5, status="FAILED"),
+        trial("global_magnitude·fp32", math.nan, 0.9),
+    ]
+    front = [True, True, False, True, True, False, False, False]
+    return Series(label, points, front, BASELINE)
+
+
+def collections(fig, prefix):
+    return [c for c in fig.axes[0].collections if (c.get_gid() or "").startswith(prefix)]
+
+
+def html_traces(path):
+    """The trace list plotly wrote into the HTML: the first array after Plotly.newPlot's div id."""
+    text = path.read_text()
+    start = text.index("[", text.index("Plotly.newPlot("))
+    return json.JSONDecoder().raw_decode(text, start)[0]
+
+
+def test_plot_front_writes_a_real_png_and_an_offline_html(tmp_path):
+    paths = plot_front([sweep()], "size_mb", "top1", tmp_path / "plots", "top1_vs_size_mb")
+    png, html = tmp_path / "plots/top1_vs_size_mb.png", tmp_path / "plots/top1_vs_size_mb.html"
+    assert paths == [png, html]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(png)
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 600
+    assert pixels[..., :3].var() > 0.01  # not a blank canvas
+    text = html.read_text()
+    assert 3e6 < len(text) < 8e6  # plotly.js embedded once, nothing else of that size
+    assert '<script src="http' not in text  # nothing fetched from a network the CI machine does not have
+
+
+def test_axes_are_the_metrics_with_their_units_and_the_title_counts_what_is_hidden():
+    ax = front_figure([sweep()], "size_mb", "top1").axes[0]
+    assert ax.get_xlabel() == UNITS["size_mb"] == "size as stored (MB)"
+    assert ax.get_ylabel() == UNITS["top1"] == "top-1 accuracy (%)"
+    assert "top1 vs size_mb" in ax.get_title() and "mnist_grid" in ax.get_title()
+    assert "2 failed trials not shown" in ax.get_title()
+    s = sweep()
+    for p in s.points:
+        p["energy_mj"] = 1.0
+    assert front_figure([s], "size_mb", "energy_mj").axes[0].get_ylabel() == "energy_mj"  # no unit known: the name
+
+
+def test_front_markers_are_the_front_and_failed_points_are_not_drawn():
+    s = sweep()
+    fig = front_figure([s], "size_mb", "top1")
+    (front,) = collections(fig, "front:")
+    assert len(front.get_offsets()) == sum(s.front) == 4
+    drawn = np.concatenate([c.get_offsets() for c in collections(fig, "points:") + [front]])
+    assert len(drawn) == 6  # eight trials less the FAILED one and the NaN one
+    assert not any(np.allclose(xy, (0.5, 90.0)) for xy in drawn)  # the FAILED trial's coordinates
+    (line,) = [ln for ln in fig.axes[0].lines if ln.get_gid() == "front-line:mnist_grid"]
+    assert list(line.get_xdata()) == [0.12, 0.25, 0.43, 1.70]  # through the members sorted by x
+    assert len(collections(fig, "baseline")) == 1
+
+
+def test_two_sweeps_overlaid_get_their_own_front_lines_and_markers_in_the_legend():
+    a, b = sweep("sweep_a"), sweep("sweep_b", shift=-1.0)
+    b.front = [True, False, False, True, True, False, False, False]
+    fig = front_figure([a, b], "size_mb", "top1")
+    lines = [ln for ln in fig.axes[0].lines if (ln.get_gid() or "").startswith("front-line:")]
+    assert [ln.get_label() for ln in lines] == ["front: sweep_a", "front: sweep_b"]
+    assert [len(c.get_offsets()) for c in collections(fig, "front:")] == [4, 3]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "front: sweep_a" in legend and "front: sweep_b" in legend
+    assert legend.count("dense fp32 baseline") == 1  # one baseline shared by both sweeps, one star
+    shapes = {c.get_gid().split(":")[1]: c.get_paths()[0].vertices.shape for c in collections(fig, "front:")}
+    assert shapes["sweep_a"] != shapes["sweep_b"]  # circle and square
+
+
+def test_html_holds_the_points_the_front_and_hover_text(tmp_path):
+    s = sweep()
+    traces = front_plotly([s], "size_mb", "top1").to_plotly_json()["data"]
+    written = html_traces(plot_front([s], "size_mb", "top1", tmp_path, "f")[1])
+    for data in (traces, written):
+        points = [t for t in data if t["meta"]["kind"] == "points"]
+        assert sum(len(t["x"]) for t in points) == 6
+        assert sum(size == 13 for t in points for size in t["marker"]["size"]) == 4  # front members emphasised
+        (front,) = [t for t in data if t["meta"]["kind"] == "front"]
+        assert len(front["x"]) == sum(s.front) and front["line"]["shape"] == "hv"
+        (star,) = [t for t in data if t["meta"]["kind"] == "baseline"]
+        assert star["marker"]["symbol"] == "star" and star["x"] == [1.7]
+        hover = next(t for t in points if t["name"] == "l1_filter·int8")["text"][0]
+        assert "l1_filter·int8" in hover and "run-l1_filter·int8-0.25" in hover
+        assert "top1: 97.5" in hover and "size_mb: 0.25" in hover and "latency_ms_p50: 0.325" in hover
+
+
+def test_log_x_when_x_spans_more_than_twenty_times():
+    s = sweep()
+    assert front_figure([s], "size_mb", "top1").axes[0].get_xscale() == "linear"  # 0.12 .. 1.7: 14x
+    s.points[4]["size_mb"] = 0.05  # 34x
+    assert front_figure([s], "size_mb", "top1").axes[0].get_xscale() == "log"
+    assert front_figure([s], "size_mb", "top1", log_x=False).axes[0].get_xscale() == "linear"
+    assert front_plotly([s], "size_mb", "top1").layout.xaxis.type == "log"
+
+
+def test_plot_standard_draws_what_the_trials_measured_in_one_colour_per_method(tmp_path):
+    paths = plot_standard([sweep()], tmp_path)  # the trials have latency but no MACs
+    assert [p.name for p in paths] == ["top1_vs_size_mb.png", "top1_vs_size_mb.html",
+                                       "top1_vs_latency_ms_p50.png", "top1_vs_latency_ms_p50.html"]
+    colours = [{t["name"]: t["marker"]["color"] for t in html_traces(p) if t["meta"]["kind"] == "points"}
+               for p in paths if p.suffix == ".html"]
+    assert colours[0] == colours[1] == {m: c for m, c in method_colours([sweep()]).items()}
+    assert len(set(colours[0].values())) == 4
+
+
+def two_objective_study(n_trials=12, params=("amount", "bits")) -> optuna.Study:
+    """A real in-memory study: maximise accuracy, minimise size, over a pruning amount and a bit width."""
+
+    def objective(t):
+        amount = t.suggest_float("amount", 0.0, 0.9) if "amount" in params else 0.5
+        bits = t.suggest_categorical("bits", [4, 8, 32]) if "bits" in params else 8
+        return 99 - 10 * amount**3 - (2 if bits == 4 else 0), (1 - amount) * bits / 32
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # set_metric_names, since Optuna 3.2
+        study.set_metric_names(["top1", "size_mb"])
+    study.optimize(objective, n_trials=n_trials)
+    return study
+
+
+def test_optuna_views_writes_its_html_views_of_a_real_study(tmp_path):
+    paths = optuna_views(two_objective_study(), tmp_path)
+    assert [p.name for p in paths] == ["optuna_pareto_front.html", "optuna_hypervolume_history.html",
+                                       "optuna_param_importances.html"]
+    for p in paths:
+        assert p.stat().st_size > 3e6 and "Plotly.newPlot(" in p.read_text()
+
+
+def test_optuna_views_skips_importances_it_cannot_rank_and_says_why(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="pqsweep.reports.plots"):
+        paths = optuna_views(two_objective_study(n_trials=5, params=("amount",)), tmp_path)
+    assert [p.name for p in paths] == ["optuna_pareto_front.html", "optuna_hypervolume_history.html"]
+    assert "no parameter importances" in caplog.text and "1 shared parameters, 5 complete trials" in caplog.text
+
+
+def test_optuna_views_of_a_study_without_complete_trials_writes_nothing(tmp_path):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert optuna_views(study, tmp_path) == []
