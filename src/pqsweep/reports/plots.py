@@ -10,6 +10,7 @@ would draw anything there.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import numbers
@@ -261,12 +262,19 @@ def plot_front(series: list[Series], x: str, y: str, out: Path, stem: str, log_x
 
 def plot_standard(series: list[Series], out: Path, accuracy: str = "top1", size: str = "size_mb") -> list[Path]:
     """Accuracy against size, latency p50 and MACs, each where some finished trial has the metric; one colour per
-    method across the three."""
+    method across the three. Each plot draws the front of its own two axes (accuracy up, the other down): a front
+    over other objectives zigzags on these axes."""
+    from pqsweep.reports.pareto import Objective, pareto_front
+
     colours = method_colours(series)
     paths = []
     for x in (size, "latency_ms_p50", "macs"):
         if any(drawable(p, x, accuracy) for s in series for p in s.points):
-            paths += plot_front(series, x, accuracy, out, f"{accuracy}_vs_{x}", colours=colours)
+            axes = [Objective(accuracy, "maximize"), Objective(x, "minimize")]
+            own = [dataclasses.replace(s, front=pareto_front(
+                [[number(p[accuracy]), number(p[x])] if drawable(p, x, accuracy) else None for p in s.points], axes))
+                for s in series]
+            paths += plot_front(own, x, accuracy, out, f"{accuracy}_vs_{x}", colours=colours)
     return paths
 
 

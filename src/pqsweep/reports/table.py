@@ -1,85 +1,139 @@
-"""`pqsweep-report`: read a sweep back from MLflow and print its table (and optionally write it as CSV).
+"""`pqsweep-report`: a sweep read back from MLflow as a table, its Pareto front, hypervolume, budgets and plots.
 
-    pqsweep-report mnist_cnn_sparsity_x_precision
-    pqsweep-report mnist_cnn_sparsity_x_precision --uri sqlite:///mlflow.db --csv results/table.csv
+    pqsweep-report mnist_cnn_sparsity_x_precision                      # table, front marked, plots, logged to MLflow
+    pqsweep-report --list                                              # the sweeps in the store
+    pqsweep-report NAME --objectives top1:max,size_gzip_mb:min --front # only the front over these objectives
+    pqsweep-report NAME --budget "top1_delta>=-1"                      # the most compressed trial per method
+    pqsweep-report A B                                                 # several sweeps' fronts, overlaid
+    pqsweep-report --run <parent run id> --csv t.csv --markdown t.md --latex t.tex
+
+The front is computed from the trial runs' metrics, so it covers Hydra's basic sweeps as well as Optuna studies, and
+partly finished or failed sweeps (a failed trial is shown, never put on the front). Where the sweep is an Optuna study,
+its `best_trials` are compared with the front.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from pqsweep.reports import pareto
+from pqsweep.reports.sweeps import Sweep, listing, load, metric
 from pqsweep.tracking import resolve_uri
 
-# (header, source, format): source is "params.<key>", "metrics.<key>" or "tags.<key>"
-COLUMNS = [
-    ("pruning", "params.pruning", "{}"),
-    ("amount", "params.pruning.amount", "{}"),
-    ("sparsity", "metrics.sparsity", "{:.3f}"),
-    ("quant", "params.quantization", "{}"),
-    ("bits", "params.quantization.bits", "{}"),
-    ("top1 %", "metrics.top1", "{:.2f}"),
-    ("Δ top1", "metrics.top1_delta", "{:+.2f}"),
-    ("size MB", "metrics.size_mb", "{:.4f}"),
-    ("gzip MB", "metrics.size_gzip_mb", "{:.4f}"),
-    ("sparse MB", "metrics.size_sparse_mb", "{:.4f}"),
-    ("reduction", "metrics.reduction_factor", "{:.2f}x"),
-    ("gzip red.", "metrics.reduction_factor_gzip", "{:.2f}x"),
-    ("p50 ms", "metrics.latency_ms_p50", "{:.3f}"),
-    ("status", "info.status", "{}"),
-]
+# metric -> (header, unit, format). Units go into the CSV header; the text, markdown and LaTeX cells are formatted.
+METRICS = {
+    "sparsity": ("sparsity", "", "{:.3f}"),
+    "top1": ("top1 %", "%", "{:.2f}"),
+    "top5": ("top5 %", "%", "{:.2f}"),
+    "top1_delta": ("Δ top1", "pp", "{:+.2f}"),
+    "baseline_top1": ("base top1 %", "%", "{:.2f}"),
+    "size_mb": ("size MB", "MB", "{:.4f}"),
+    "size_gzip_mb": ("gzip MB", "MB", "{:.4f}"),
+    "size_sparse_mb": ("sparse MB", "MB", "{:.4f}"),
+    "size_theoretical_mb": ("theor. MB", "MB", "{:.4f}"),
+    "reduction_factor": ("reduction", "x", "{:.2f}x"),
+    "reduction_factor_gzip": ("gzip red.", "x", "{:.2f}x"),
+    "latency_ms_p50": ("p50 ms", "ms", "{:.3f}"),
+    "latency_ms_p90": ("p90 ms", "ms", "{:.3f}"),
+    "macs": ("MACs", "", "{:.4g}"),
+    "params_total": ("params", "", "{:.0f}"),
+    "params_nonzero": ("nonzero", "", "{:.0f}"),
+}
+PARAMS = {"pruning": "pruning", "pruning.amount": "amount", "quantization": "quant", "quantization.bits": "bits"}
+STANDARD = ["sparsity", "top1", "top1_delta", "size_mb", "size_gzip_mb", "size_sparse_mb", "reduction_factor",
+            "reduction_factor_gzip", "latency_ms_p50"]
+DEFAULT_OBJECTIVES = ["top1", "size_mb"]
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    kind: str  # params, metrics, tags, info (the run's status), front (a mark), sweep (the sweep's name)
+    header: str
+    unit: str = ""
+    fmt: str = "{}"
+
+    @property
+    def csv_header(self) -> str:
+        return f"{self.key} ({self.unit})" if self.unit else self.key
 
 
 @dataclass
-class Sweep:
-    parent: Run
-    trials: list[Run]
-    baseline: Run | None
+class Row:
+    sweep: Sweep
+    run: Run
+    front: bool
 
 
-def value(run: Run, source: str):
-    kind, key = source.split(".", 1)
-    if kind == "info":
-        return getattr(run.info, key)
-    return getattr(run.data, kind).get(key)
+def column(key: str, runs: list[Run]) -> Column:
+    """The column for a name: a metric a run logged, else a param; `params.x`, `metrics.x`, `tags.x` say which."""
+    kind, _, name = key.partition(".") if key.startswith(("params.", "metrics.", "tags.")) else ("", "", key)
+    if key == "status":
+        return Column("status", "info", "status")
+    if key in ("front", "sweep"):
+        return Column(key, key, key)
+    if not kind:
+        kind = "metrics" if any(name in r.data.metrics for r in runs) or name in METRICS else "params"
+    if kind == "metrics":
+        header, unit, fmt = METRICS.get(name, (name, "", "{:.4g}"))
+        return Column(name, kind, header, unit, fmt)
+    return Column(name, kind, PARAMS.get(name, name) if kind == "params" else name)
 
 
-def load_sweep(name: str, experiment: str) -> Sweep:
-    client = MlflowClient()
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        raise SystemExit(f"pqsweep-report: no experiment {experiment!r} at {mlflow.get_tracking_uri()}")
-    parents = client.search_runs(
-        [exp.experiment_id], f"tags.stage = 'sweep' and tags.sweep = '{name}'", order_by=["start_time DESC"], max_results=1
-    )
-    if not parents:
-        raise SystemExit(f"pqsweep-report: no sweep {name!r} in experiment {experiment!r} at {mlflow.get_tracking_uri()}")
-    parent = parents[0]
-    trials = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000)
-    trials.sort(key=lambda r: (float(r.data.params.get("pruning.amount", 0)), -int(r.data.params.get("quantization.bits", 32)), r.data.params.get("quantization", "")))
-    hashes = {r.data.tags.get("baseline_hash") for r in trials} - {None}
-    baseline = None
-    if len(hashes) == 1:
-        found = client.search_runs([exp.experiment_id], f"tags.stage = 'baseline' and tags.baseline_hash = '{hashes.pop()}'", max_results=1)
-        baseline = found[0] if found else None
-    return Sweep(parent, trials, baseline)
+def default_columns(sweeps: list[Sweep], objectives: list[pareto.Objective]) -> list[str]:
+    """The methods' own keys, the swept keys, the standard metrics, the other objectives; the front mark, the status."""
+    runs = [r for s in sweeps for r in s.trials]
+    logged = {k for r in runs for k in r.data.params}
+    keys = ["sweep"] if len(sweeps) > 1 else []
+    keys += [k for k in PARAMS if k in logged] + [k for s in sweeps for k in s.swept]
+    keys += STANDARD + [o.name for o in objectives] + ["front", "status"]
+    return list(dict.fromkeys(keys))
 
 
-def rows(sweep: Sweep) -> list[list[str]]:
-    out = []
-    for run in sweep.trials:
-        row = []
-        for _, source, fmt in COLUMNS:
-            v = value(run, source)
-            row.append("-" if v is None else fmt.format(v))
-        out.append(row)
-    return out
+def raw(row: Row, col: Column) -> Any:
+    """The cell's value as logged: a float for metrics (None when missing or NaN), a string otherwise."""
+    if col.kind == "metrics":
+        return metric(row.run, col.key)
+    if col.kind == "info":
+        return row.run.info.status
+    if col.kind == "front":
+        return row.front
+    if col.kind == "sweep":
+        return row.sweep.name
+    return getattr(row.run.data, col.kind).get(col.key)
+
+
+def shown(row: Row, col: Column) -> str:
+    value = raw(row, col)
+    if col.kind == "front":
+        return "*" if value else ""
+    return "-" if value is None else col.fmt.format(value)
+
+
+def number(text: str | None, default: float) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return default
+
+
+def order(row: Row, swept: list[str]) -> tuple:
+    """Grid order: sparsity up, precision from high to low, then the option's name and the other swept keys."""
+    params = row.run.data.params
+    rest = tuple((number(params.get(k), math.inf), str(params.get(k))) for k in swept)
+    return (row.sweep.name, number(params.get("pruning.amount"), 0.0), -number(params.get("quantization.bits"), 32),
+            params.get("quantization", ""), rest)
 
 
 def render(header: list[str], body: list[list[str]]) -> str:
@@ -88,31 +142,268 @@ def render(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 
-def main(argv: list[str] | None = None) -> None:
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+
+
+def latex(header: list[str], body: list[list[str]]) -> str:
+    def esc(text: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                     ("Δ", r"$\Delta$"), ("·", r"$\cdot$")):
+            text = text.replace(a, b)
+        return text
+
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule", " & ".join(map(esc, header)) + r" \\",
+             r"\midrule"] + [" & ".join(map(esc, cells)) + r" \\" for cells in body] + [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, columns: list[Column], rows: list[Row]) -> None:
+    """Numbers as numbers (units in the header), missing values empty, the front as 1 / 0."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c.csv_header for c in columns])
+        for row in rows:
+            cells = [raw(row, c) for c in columns]
+            writer.writerow(["" if v is None else int(v) if isinstance(v, bool) else v for v in cells])
+
+
+# -- fronts, hypervolume, budgets ----------------------------------------------------------------------------------
+
+
+def values(run: Run, objectives: list[pareto.Objective]) -> list[float] | None:
+    """A finished trial's objective values; None for any other (never on the front)."""
+    if run.info.status != "FINISHED":
+        return None
+    found = [metric(run, o.name) for o in objectives]
+    return None if any(v is None for v in found) else found
+
+
+def method(run: Run, sweep: Sweep) -> str:
+    """What a trial applied, for colours and budgets: `pruning·quantization`, with the bits where the sweep varies them."""
+    params = run.data.params
+    label = f"{params.get('pruning', '?')}·{params.get('quantization', '?')}"
+    if "quantization.bits" in sweep.swept and params.get("quantization.bits") not in (None, "None"):
+        label += params["quantization.bits"]
+    return label
+
+
+def point(run: Run, sweep: Sweep) -> dict[str, Any]:
+    return {**{k: metric(run, k) for k in run.data.metrics}, "method": method(run, sweep), "status": run.info.status,
+            "run_id": run.info.run_id}
+
+
+def compressed_by(objectives: list[pareto.Objective]) -> pareto.Objective:
+    """What "most compressed" means for a budget: the first size objective, else the first minimised one."""
+    sizes = [o for o in objectives if o.name.startswith("size") and o.direction == "minimize"]
+    minimised = [o for o in objectives if o.direction == "minimize"]
+    return (sizes or minimised or [pareto.Objective("size_mb", "minimize")])[0]
+
+
+def hypervolumes(sweeps: list[Sweep], rows: list[Row], objectives) -> tuple[dict[str, float], str]:
+    """Each sweep's front hypervolume against one reference point (so several sweeps compare), and its description."""
+    baselines = {s.baseline.info.run_id if s.baseline else None for s in sweeps}
+    baseline = sweeps[0].baseline.data.metrics if len(baselines) == 1 and sweeps[0].baseline else None
+    finite = [dict(zip([o.name for o in objectives], v)) for r in rows if (v := values(r.run, objectives))]
+    if not finite:
+        return {}, "no finished trial has every objective"
+    reference, described = pareto.reference_point(objectives, baseline, finite)
+    volumes = {}
+    for sweep in sweeps:
+        front = [values(r.run, objectives) for r in rows if r.sweep is sweep and r.front]
+        volumes[sweep.name] = pareto.hypervolume(front, objectives, reference)
+    return volumes, described
+
+
+def within_budget(rows: list[Row], bounds, objectives) -> tuple[str, dict[str, Row | None]]:
+    """(what "most compressed" means here, per method the most compressed finished trial within `bounds`)."""
+    compress = compressed_by(objectives)
+    several = len({r.sweep.name for r in rows}) > 1
+    dicts = [{**(point(r.run, r.sweep) if r.run.info.status == "FINISHED" else {}),
+              "method": f"{r.sweep.name}: {method(r.run, r.sweep)}" if several else method(r.run, r.sweep)}
+             for r in rows]
+    chosen = pareto.within_budget(dicts, bounds, "method", compress)
+    return compress.name, {m: None if i is None else rows[i] for m, i in chosen.items()}
+
+
+# -- Optuna's side ---------------------------------------------------------------------------------------------
+
+
+def optuna_study(sweep: Sweep, storage: str | None):
+    """The sweep's Optuna study, when its parent names one that can be opened here; else (None, why not)."""
+    name = sweep.parent.data.tags.get("optuna_study")
+    url = storage or sweep.parent.data.tags.get("optuna_storage")
+    if not name or not url:
+        return None, "not an Optuna study"
+    if "***" in url:
+        return None, f"its storage's password is masked ({url}): give --storage"
+    import optuna
+
+    from pqsweep.study import open_storage
+
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url, None)), ""
+    except Exception as error:  # noqa: BLE001 - a report without Optuna's views is still a report
+        return None, f"cannot open study {name} at {url}: {type(error).__name__}: {error}"
+
+
+def agreement(study, rows: list[Row], sweep: Sweep) -> str:
+    """Whether Optuna's best_trials are the report's front (same objectives in the same order)."""
+    best = {t.number for t in study.best_trials if not t.user_attrs.get("pqsweep.discarded")}
+    ours = {int(r.run.data.tags["optuna_trial_number"]) for r in rows
+            if r.sweep is sweep and r.front and "optuna_trial_number" in r.run.data.tags}
+    if best == ours:
+        return f"Optuna's best_trials are this front ({len(best)} trials)"
+    return (f"Optuna's best_trials differ from this front: only Optuna {sorted(best - ours)}, "
+            f"only here {sorted(ours - best)}")
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pqsweep-report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", help="the sweep's name (study.name, e.g. mnist_cnn_sparsity_x_precision)")
+    parser.add_argument("sweeps", nargs="*", help="sweep names (study.name; a command-line grid is named after its "
+                        "swept keys, e.g. pruning.amount+quantization); several overlay their fronts")
+    parser.add_argument("--run", action="append", default=[], metavar="ID", help="a sweep by its parent run id")
+    parser.add_argument("--list", action="store_true", help="list the sweeps in the store and stop")
     parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
     parser.add_argument("--experiment", default="pqsweep", help="MLflow experiment (default: %(default)s)")
-    parser.add_argument("--csv", help="also write the table to this CSV file")
+    parser.add_argument("--objectives", help="the front's objectives, e.g. top1:max,size_gzip_mb:min,latency_ms_p50:min "
+                        "(default: the sweep's own study.objectives)")
+    parser.add_argument("--columns", help="the table's columns, comma-separated: metrics, params, status, front")
+    parser.add_argument("--front", action="store_true", help="print only the front's trials")
+    parser.add_argument("--budget", action="append", default=[], metavar="BOUNDS",
+                        help='e.g. "top1_delta>=-1": per method, the most compressed trial within the bounds')
+    parser.add_argument("--csv", help="write the table as CSV (numbers; units in the header)")
+    parser.add_argument("--markdown", help="write the table as markdown")
+    parser.add_argument("--latex", help="write the table as a LaTeX tabular")
+    parser.add_argument("--out", help="folder for the plots and tables (default: reports/<sweep>)")
+    parser.add_argument("--no-plots", action="store_true", help="no plots")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    parser.add_argument("--storage", help="the Optuna storage, where the parent run's tag masks its password")
     args = parser.parse_args(argv)
+    if not (args.sweeps or args.run or args.list):
+        parser.error("name a sweep (or --run ID, or --list)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     mlflow.set_tracking_uri(resolve_uri(args.uri))
-    sweep = load_sweep(args.sweep, args.experiment)
-    header = [h for h, _, _ in COLUMNS]
-    body = rows(sweep)
-    print(f"sweep {args.sweep}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id}")
-    if sweep.baseline is not None:
-        b = sweep.baseline.data.metrics
-        print(f"baseline (fp32, dense): top1 {b['top1']:.2f}%, size {b['size_mb']:.4f} MB, "
-              f"gzip {b['size_gzip_mb']:.4f} MB, p50 {b['latency_ms_p50']:.3f} ms")
+    client = MlflowClient()
+    if args.list:
+        print(render(["sweep", "parent run", "status", "finished", "other", "sampler", "started (UTC)"],
+                     listing(client, args.experiment)))
+        return
+    sweeps = [load(client, args.experiment, name=n) for n in args.sweeps]
+    sweeps += [load(client, args.experiment, run_id=r) for r in args.run]
+    try:
+        objectives = pareto.parse_objectives(args.objectives, sweeps[0].objectives or DEFAULT_OBJECTIVES)
+        bounds = pareto.parse_bounds(",".join(args.budget)) if args.budget else []
+    except ValueError as error:
+        raise SystemExit(f"pqsweep-report: {error}") from None
+
+    rows: list[Row] = []
+    for sweep in sweeps:
+        own = [values(run, objectives) for run in sweep.trials]
+        rows += [Row(sweep, run, on) for run, on in zip(sweep.trials, pareto.pareto_front(own, objectives))]
+    swept = list(dict.fromkeys(k for s in sweeps for k in s.swept))
+    rows.sort(key=lambda r: order(r, swept))
+    runs = [r.run for r in rows]
+    keys = [k.strip() for k in args.columns.split(",") if k.strip()] if args.columns else default_columns(sweeps, objectives)
+    columns = [column(k, runs) for k in keys]
+    shown_rows = [r for r in rows if r.front] if args.front else rows
+    header, body = [c.header for c in columns], [[shown(r, c) for c in columns] for r in shown_rows]
+
+    for sweep in sweeps:
+        print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id} "
+              f"({sweep.parent.info.status})")
+        if sweep.others:
+            print(f"  {len(sweep.others)} older sweep(s) of this name: pqsweep-report --run {sweep.others[0]} ...")
+        if sweep.baseline is not None:
+            b = sweep.baseline.data.metrics
+            print(f"baseline (fp32, dense): top1 {b['top1']:.2f}%, size {b['size_mb']:.4f} MB, "
+                  f"gzip {b['size_gzip_mb']:.4f} MB, p50 {b['latency_ms_p50']:.3f} ms")
     print(render(header, body))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(body)
-    failed = sum(r.info.status == "FAILED" for r in sweep.trials)
+    named = ", ".join(f"{o.name} ({o.direction[:3]})" for o in objectives)
+    volumes, reference = hypervolumes(sweeps, rows, objectives)
+    for sweep in sweeps:
+        size = sum(r.front for r in rows if r.sweep is sweep)
+        volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
+        print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+    print(f"  {reference}")
+
+    if bounds:
+        by, chosen = within_budget(rows, bounds, objectives)
+        print(f"budget {', '.join(f'{b.metric}{b.op}{b.limit:g}' for b in bounds)}: per method the most compressed "
+              f"trial (by {by}) within it, '-' where none is; the front above stands beside it")
+        cells = [c for c in columns if c.kind not in ("front", "info", "sweep")]
+        print(render(["method"] + [c.header for c in cells] + ["run"],
+                     [[m] + ([shown(r, c) for c in cells] + [r.run.info.run_id] if r else ["-"] * (len(cells) + 1))
+                      for m, r in chosen.items()]))
+
+    studies = []
+    for sweep in sweeps:
+        study, why = optuna_study(sweep, args.storage)
+        if study is not None and [o.name for o in objectives] == sweep.objectives:
+            print(agreement(study, rows, sweep))
+        studies.append((sweep, study, why))
+
+    out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
+    written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies)
+    if written:
+        print(f"wrote {len(written)} files under {out}")
+    if not args.no_log and len(sweeps) == 1:
+        log_back(client, sweeps[0], rows, out, volumes.get(sweeps[0].name), reference, objectives)
+    failed = sum(r.run.info.status == "FAILED" for r in rows)
     if failed:
         print(f"{failed} trial(s) failed: see their `error` tag in MLflow", file=sys.stderr)
+
+
+def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies) -> list[Path]:
+    """The tables (under --out, and where --csv / --markdown / --latex say) and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, write in ((args.csv, lambda p: write_csv(p, columns, shown_rows)),
+                        (args.markdown, lambda p: Path(p).write_text(markdown(header, body))),
+                        (args.latex, lambda p: Path(p).write_text(latex(header, body)))):
+        if path:
+            write(Path(path))
+    write_csv(out / "table.csv", columns, shown_rows)
+    (out / "table.md").write_text(markdown(header, body))
+    (out / "table.tex").write_text(latex(header, body))
+    written += [out / "table.csv", out / "table.md", out / "table.tex"]
+    if args.no_plots:
+        return written
+    from pqsweep.reports import plots
+
+    series = [plots.Series(s.name, [point(r.run, s) for r in rows if r.sweep is s],
+                           [r.front for r in rows if r.sweep is s],
+                           s.baseline.data.metrics if s.baseline else None) for s in sweeps]
+    accuracy = next((o.name for o in objectives if o.direction == "maximize"), "top1")
+    written += plots.plot_standard(series, out, accuracy=accuracy, size=compressed_by(objectives).name)
+    for sweep, study, why in studies:
+        if study is not None:
+            written += plots.optuna_views(study, out / f"optuna-{sweep.name}")
+    return written
+
+
+def log_back(client: MlflowClient, sweep: Sweep, rows: list[Row], out: Path, volume, reference, objectives) -> None:
+    """The report on the sweep's parent run (artifacts under report/), and `pareto` tags on its trials, so the
+    MLflow UI's filter `tags.pareto = "true"` shows the front."""
+    parent = sweep.parent.info.run_id
+    client.log_artifacts(parent, str(out), "report")
+    tags = {"pareto_objectives": ",".join(f"{o.name}:{o.direction[:3]}" for o in objectives),
+            "pareto_front_size": str(sum(r.front for r in rows)), "pareto_reference": reference[:5000]}
+    if volume is not None:
+        tags["pareto_hypervolume"] = f"{volume:.6g}"
+    for key, value in tags.items():
+        client.set_tag(parent, key, value)
+    for row in rows:
+        client.set_tag(row.run.info.run_id, "pareto", str(row.front).lower())
+    print(f"logged the report to MLflow run {parent} (artifacts report/, trial tags pareto=true|false)")
 
 
 if __name__ == "__main__":
