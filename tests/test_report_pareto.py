@@ -141,7 +141,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     best = {t.number for t in optuna.load_study(study_name="gm", storage=storage).best_trials}
     client = MlflowClient()
     trials = client.search_runs([client.get_experiment_by_name("pqsweep").experiment_id],
-                                "tags.optuna_study = 'gm'")
+                                "tags.optuna_study = 'gm' and tags.stage = 'trial'")
     assert len(trials) == 6
     assert {int(r.data.tags["optuna_trial_number"]) for r in trials if r.data.tags["pareto"] == "true"} == best
     parent = trials[0].data.tags["mlflow.parentRunId"]
@@ -150,7 +150,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
 
     table.main(["layers", "--uri", uri, "--out", str(tmp_path / "layers"), "--no-plots"])
     layers = client.search_runs([client.get_experiment_by_name("pqsweep").experiment_id],
-                                "tags.optuna_study = 'layers'")
+                                "tags.optuna_study = 'layers' and tags.stage = 'trial'")
     (failed,) = [r for r in layers if r.info.status == "FAILED"]
     assert failed.data.tags["pareto"] == "false"
     assert capsys.readouterr().err.count("1 trial(s) failed") == 1
