@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_method
 from omegaconf import OmegaConf
@@ -58,8 +59,14 @@ def test_option_composes_with_the_defaults_validates_and_its_targets_resolve(gro
         assert cfg.study.name == option
         assert callable(get_method(cfg.hydra.sweeper._target_))
         assert callable(get_method(cfg.hydra.sweeper.sampler._target_))
-        for key in cfg.hydra.sweeper.params:  # the grid names keys and groups that exist
-            assert key in GROUPS or OmegaConf.select(cfg, key, default=KeyError) is not KeyError, key
+        params = cfg.hydra.sweeper.params
+        for key in params:  # the space names keys and groups that exist; a method's own key (fake_quant's
+            # bits_w) under some option of its swept group, the only trials the sweeper gives it to
+            group = key.rpartition(".")[0]
+            swept = OverridesParser.create().parse_override(f"{group}={params[group]}") if group in params else None
+            under = [cfg] + [compose_cfg(f"sweep={option}", f"{group}={o}", hydra=True)
+                             for o in (swept.sweep_string_iterator() if swept else [])]
+            assert key in GROUPS or any(OmegaConf.select(c, key, default=KeyError) is not KeyError for c in under), key
     else:
         assert cfg[group].name == option  # the `name` each run logs is the option it was composed from
 
@@ -134,7 +141,7 @@ def test_objectives_take_their_directions_from_the_metrics():
                                                                              "maximize"]
     assert "latency_threads" in METRICS and "latency_threads" not in OBJECTIVES  # a setting, not a goal
     sweep = compose_cfg("sweep=mnist_cnn_sparsity_x_precision", hydra=True)
-    assert list(sweep.study.objectives) == ["top1", "size_mb"]
+    assert list(sweep.study.objectives) == ["top1", "size_gzip_mb"]  # a size that counts the zeros
     assert sweep.hydra.sweeper._target_ == "pqsweep.sweeper.OptunaSweeper"
 
 

@@ -154,8 +154,8 @@ def test_the_installed_app_composes_its_packaged_config(installed):
 
 def test_the_installed_app_composes_a_packaged_sweep_file(installed):
     job = yaml.safe_load(installed.pqsweep("--cfg", "job", "sweep=mnist_cnn_sparsity_x_precision").stdout)
-    assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_mb"],
-                            "storage": None, "trial": None}  # the default store: optuna.journal beside mlflow.db
+    assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_gzip_mb"],
+                            "storage": None, "trial": None, "constraints": []}  # default store: optuna.journal
     assert job["dataset"]["name"] == "mnist5k" and job["pruning"]["name"] == "global_magnitude"  # its experiment
     sweeper = yaml.safe_load(installed.pqsweep("--cfg", "hydra", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     sweeper = sweeper["hydra"]["sweeper"]

@@ -440,6 +440,11 @@ class StudyConfig:
     # (*.journal). null: optuna.journal beside the MLflow SQLite store (pqsweep.study.default_storage).
     storage: Optional[str] = None
     trial: Optional[int] = None  # set by the sweeper: this run's Optuna trial number
+    # A deployment budget, e.g. [size_gzip_mb<=0.02, top1_delta>=-1]: bounds on metrics (METRICS) that TPE and
+    # NSGA-II are told as Optuna constraints, so they spend their trials inside it; a grid runs every point anyway.
+    # The sweeper parses them (pqsweep.reports.pareto.parse_bounds) and refuses a bad one before it opens a store:
+    # checked here, they would make this module import the reports, which import it.
+    constraints: List[str] = field(default_factory=list)
 
     def checks(self) -> list[Check]:
         ok = bool(self.objectives) and all(name in OBJECTIVES for name in self.objectives)

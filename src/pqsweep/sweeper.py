@@ -18,6 +18,11 @@ parsing of sweep overrides, and replaces its loop:
   after Ctrl-C or SIGTERM, FAILED after a crash or a spent failure budget.
 - **Failures** never end the sweep unless `max_failures` / `max_failure_rate` say so; the sweep ends with a summary,
   and exits 1 when a trial failed (`fail_on_failed_trials=false`: exit 0, the plugin's behaviour).
+- **Conditional keys.** A swept key `g.k` under a swept group `g` (fake_quant's `quantization.bits_w`) is
+  suggested only in trials whose option of `g` has `k`, as Optuna's define-by-run intends (TPE and NSGA-II take
+  conditional parameters); which options have it is read from each option composed once at start-up.
+- **Constraints.** `study.constraints` (`size_gzip_mb<=0.02`) become Optuna constraint values, computed from each
+  trial's MLflow run before it is told, so TPE and NSGA-II prefer trials inside the budget. A grid runs every point.
 - Directions come from `study.objectives` (pqsweep.config.METRICS), never repeated in a sweep file.
 
 This module is imported when Hydra discovers plugins, so it imports optuna and mlflow only when a sweep starts.
@@ -41,12 +46,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as _PluginSweeper
+from omegaconf import OmegaConf
 
 from pqsweep.config import directions
 
 log = logging.getLogger(__name__)
 LATE_STAGES = ("quantization", "measure", "export")  # keys that do not change the prune stage
 ADHOC = "adhoc"  # study.name's default: a command-line grid is then named after its swept keys
+CONSTRAINTS_KEY = "constraints"  # Optuna's: a trial's system attr `constraints:<name>` is one constraint value
 
 
 @dataclass
@@ -65,6 +72,11 @@ ConfigStore.instance().store(group="hydra/sweeper", name="pqsweep_schema", node=
 
 def is_grid(sampler) -> bool:
     return isinstance(sampler, functools.partial) and sampler.func.__name__ == "GridSampler"
+
+
+def constraint_name(bound) -> str:
+    """A bound as it names its constraint value in the study (`constraints:size_gzip_mb<=0.02`)."""
+    return f"{bound.metric}{bound.op}{bound.limit:g}"
 
 
 class OptunaSweeper(_PluginSweeper):
@@ -106,6 +118,9 @@ class StudyRun:
                         self.impl.direction, self.objectives, self.directions)
         self.grid = is_grid(self.impl.sampler)
         self.space, self.choices, self.fixed_overrides = self.search_space(arguments)
+        self.bounds = self.constraint_bounds()
+        self.conditions = {} if self.grid else self.conditional_keys()
+        self.space = dict(sorted(self.space.items(), key=lambda item: item[0] in self.conditions))  # groups first
         swept = list(self.space)
         self.name = self.impl.study_name or ADHOC
         if self.name == ADHOC and swept:
@@ -170,6 +185,68 @@ class StudyRun:
             raise StudyMismatch("a grid sweep needs swept keys: give some (key=a,b) or choose a sweep file")
         return space, choices, overrides
 
+    def conditional_keys(self) -> dict[str, tuple[str, list[Any]]]:
+        """{`g.k`: (`g`, the options of `g` that have `k`)} for the swept keys under a swept group that not every
+        option of it has.
+
+        A method's own keys (fake_quant's bits_w, l1_filter's scope) exist only under its option, and setting one
+        on another option fails composition; the keys of the group's schema (bits, amount) exist under all. So each
+        option is composed once, with the command's fixed overrides, as the launcher composes a trial, and the
+        config it gives decides: no hand-kept table to go stale. A grid has none (the pre-run check composes each
+        of its values alone, so it already refuses a key that some option lacks)."""
+        from optuna.distributions import CategoricalDistribution
+
+        from pqsweep.study import StudyMismatch
+
+        loader, absent = self.impl.hydra_context.config_loader, object()
+        conditions = {}
+        for group, distribution in self.space.items():
+            keys = [key for key in self.space if key.startswith(group + ".")]
+            if not keys or not isinstance(distribution, CategoricalDistribution):
+                continue
+            having: dict[str, list[Any]] = {key: [] for key in keys}
+            for option in distribution.choices:
+                composed = loader.load_sweep_config(self.config, [*self.fixed_overrides, f"{group}={option}"])
+                for key in keys:
+                    if OmegaConf.select(composed, key, default=absent) is not absent:
+                        having[key].append(option)
+            for key, options in having.items():
+                if not options:
+                    raise StudyMismatch(f"{key}: no option of {group} ({', '.join(map(str, distribution.choices))}) "
+                                        f"has it; sweep it with {group} fixed to an option that has it")
+                if len(options) < len(distribution.choices):
+                    conditions[key] = (group, options)
+                    log.info("%s is suggested only with %s=%s", key, group, ",".join(map(str, options)))
+        return conditions
+
+    def constraint_bounds(self) -> list:
+        """study.constraints as pqsweep.reports.pareto Bounds, or StudyMismatch naming the bad one (before any store
+        is opened). A sampler whose config has no constraints_func (grid, random, CMA-ES, QMC) never reads the
+        constraint values, which are recorded all the same (the study's best_trials and optuna-dashboard show who
+        is inside): said, not left silent."""
+        from pqsweep.config import METRICS
+        from pqsweep.reports.pareto import parse_bounds
+        from pqsweep.study import StudyMismatch
+
+        bounds = []
+        for text in self.config.study.constraints:
+            try:
+                parsed = parse_bounds(text)
+            except ValueError as error:
+                raise StudyMismatch(f"study.constraints={text}: {error}") from None
+            unknown = [b.metric for b in parsed if b.metric not in METRICS]
+            if unknown or not parsed:
+                raise StudyMismatch(f"study.constraints={text}: {unknown[0] if unknown else 'empty'}: bound a "
+                                    f"metric among {', '.join(METRICS)} (e.g. size_gzip_mb<=0.02)")
+            bounds += parsed
+        sampler = self.config.hydra.sweeper.sampler
+        if bounds and "constraints_func" not in sampler:
+            log.warning("study.constraints %s: not followed by the %s sampler, which runs its trials whatever they "
+                        "measure (their constraint values are recorded); tpe and nsgaii spend their trials within "
+                        "them", list(self.config.study.constraints),
+                        "grid" if self.grid else sampler._target_.rsplit(".", 1)[-1])
+        return bounds
+
     def in_grid(self, key: str, value: Any, choices: list[Any]) -> Any:
         from pqsweep.study import StudyMismatch, norm
 
@@ -193,6 +270,8 @@ class StudyRun:
         params["sweeper"] = "pqsweep"
         params["sampler"] = "grid" if self.grid else type(self.impl.sampler).__name__
         params["objectives"] = ",".join(self.objectives)
+        if self.bounds:
+            params["constraints"] = ",".join(constraint_name(b) for b in self.bounds)
         tags = {"stage": "sweep", "sweep": self.name, "optuna_study": self.name, "optuna_storage": self.storage_shown}
         parent = self.tracking.create_parent(self.experiment_id, f"sweep-{self.name}", params, tags)
         self.study.set_user_attr(self.studies.PARENT_ATTR, parent)
@@ -202,8 +281,32 @@ class StudyRun:
         self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", "its heartbeat stopped")
 
     def recorded(self, trial) -> list[float] | None:
-        """The objectives of the trial's MLflow run, when it ended FINISHED with all of them."""
-        return self.tracking.finished_values(trial.user_attrs.get(self.studies.RUN_ATTR), self.objectives)
+        """The objectives of the trial's MLflow run, when it ended FINISHED with all of them. Its constraint values
+        are stored on the trial then too, so one completed from its run without a tell (pqsweep.study.reap) is
+        constrained like the others."""
+        run_id = trial.user_attrs.get(self.studies.RUN_ATTR)
+        values = self.tracking.finished_values(run_id, self.objectives)
+        if values is not None:
+            self.constrain(trial, run_id)
+        return values
+
+    def constrain(self, trial, run_id: str) -> None:
+        """Set the trial's Optuna constraint values (<= 0: within the bound), one per bound of study.constraints,
+        from its run's metrics, before it is told: NSGA-II and TPE rank by `trial.constraints`. This is what
+        `constraints_func` did before Optuna 5 deprecated it for `Trial.set_constraint`, written through the storage
+        so a FrozenTrial (a reaped trial) takes it too. A metric the run lacks gives +inf: outside the budget."""
+        from pqsweep.reports.pareto import constraint_values
+
+        if not self.bounds:
+            return
+        metrics = {}
+        for name in dict.fromkeys(bound.metric for bound in self.bounds):
+            value = self.tracking.finished_values(run_id, [name])
+            if value is not None:
+                metrics[name] = value[0]
+        for bound, value in zip(self.bounds, constraint_values(metrics, self.bounds)):
+            self.study._storage.set_trial_system_attr(trial._trial_id, f"{CONSTRAINTS_KEY}:{constraint_name(bound)}",
+                                                      value)
 
     def on_dead_owner(self, trial, reason: str) -> None:
         self.tracking.close_run(trial.user_attrs.get(self.studies.RUN_ATTR), "KILLED", reason)
@@ -251,8 +354,14 @@ class StudyRun:
         return not taken
 
     def suggest(self, trial) -> dict[str, Any]:
-        """The trial's values for the swept keys (a queued grid point's own values, else the sampler's)."""
-        return {name: trial._suggest(name, distribution) for name, distribution in self.space.items()}
+        """The trial's values for the swept keys (a queued grid point's own values, else the sampler's); a
+        conditional key only where the option chosen for its group has it (groups come first in the space)."""
+        params: dict[str, Any] = {}
+        for name, distribution in self.space.items():
+            group, options = self.conditions.get(name, (None, ()))
+            if group is None or params[group] in options:
+                params[name] = trial._suggest(name, distribution)
+        return params
 
     def start(self, trial) -> tuple[str, tuple[str, ...]]:
         """Record the trial's owner and MLflow run before launching it; returns (run id, the job's overrides)."""
@@ -281,6 +390,7 @@ class StudyRun:
             self.tracking.close_run(run_id, "FAILED", reason)  # a job that died before its run ended
             log.warning("trial %d failed: %s", trial.number, reason)
         else:
+            self.constrain(trial, run_id)
             self.study.tell(trial, values=values)
         self.ended.append((trial.number, "FAILED" if values is None else "FINISHED", reason))
 
