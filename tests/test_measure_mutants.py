@@ -1,0 +1,75 @@
+"""What measure.py's own tests left open (found by mutation testing): MACs of kernels that are not square, the
+thread count of the timed calls, a latency run that silences nothing but torch's CUDA notice."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from pqsweep import measure
+
+
+# --- macs -------------------------------------------------------------------------------------------------------
+
+def test_macs_of_a_non_square_grouped_kernel_by_hand():
+    # 3x5 kernels, 4 -> 8 channels in 2 groups, on 10x12: out 8 x 8 x 8, each out element 4/2 * 3 * 5 MACs
+    conv = nn.Conv2d(4, 8, kernel_size=(3, 5), groups=2)
+    assert measure.macs(nn.Sequential(conv), torch.randn(1, 4, 10, 12)) == 8 * 8 * 8 * (2 * 3 * 5)
+
+
+# --- latency ----------------------------------------------------------------------------------------------------
+
+class ThreadsSeen(nn.Module):
+    """Records torch's intra-op thread count at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+        self.threads: list[int] = []
+
+    def forward(self, x):
+        self.threads.append(torch.get_num_threads())
+        return self.layer(x)
+
+
+def test_latency_runs_every_timed_call_at_the_asked_thread_count():
+    model = ThreadsSeen()
+    before = torch.get_num_threads()
+    threads = 2 if before != 2 else 3  # not the process's own count, so the timer has to set it
+    measure.latency(model, torch.randn(1, 8), threads=threads, warmup=2, repeats=3)
+    assert model.threads and set(model.threads) == {threads}
+    assert torch.get_num_threads() == before
+
+
+def test_latency_changes_no_other_logger():
+    root = logging.getLogger()
+    level = root.level
+    measure.latency(nn.Linear(8, 8), torch.randn(1, 8), threads=1, warmup=1, repeats=2)
+    assert root.level == level  # silencing cpp_extension's notice must not silence the app's own warnings
+
+
+def test_latency_silences_the_cuda_notice_of_cpp_extension(caplog):
+    # torch.utils.benchmark imports cpp_extension, which logs "No CUDA runtime is found" on CPU-only machines (once,
+    # at its first import, so the logger is checked here rather than the import's output): we compile nothing.
+    measure.latency(nn.Linear(8, 8), torch.randn(1, 8), threads=1, warmup=1, repeats=2)
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found")
+        logging.getLogger("pqsweep").warning("the app's own warning")
+    assert [r.getMessage() for r in caplog.records] == ["the app's own warning"]
+
+
+class Sleeps(nn.Module):
+    """A forward pass of a known 20 ms."""
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return x
+
+
+def test_latency_is_in_milliseconds_per_call():
+    result = measure.latency(Sleeps(), torch.randn(1, 8), threads=1, warmup=1, repeats=3)
+    # 20 ms of sleep per call; the OS wakes the process late by well under a few ms (measured 20.1)
+    assert 19.9 <= result["latency_ms_p50"] <= result["latency_ms_p90"] < 40
