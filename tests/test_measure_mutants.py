@@ -1,11 +1,14 @@
 """What measure.py's own tests left open (found by mutation testing): MACs of kernels that are not square, the
-thread count of the timed calls, a latency run that silences nothing but torch's CUDA notice."""
+thread count of the timed calls, latency in milliseconds, a latency run that silences nothing but torch's CUDA notice,
+the gzip size to the byte."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +76,10 @@ def test_latency_is_in_milliseconds_per_call():
     result = measure.latency(Sleeps(), torch.randn(1, 8), threads=1, warmup=1, repeats=3)
     # 20 ms of sleep per call; the OS wakes the process late by well under a few ms (measured 20.1)
     assert 19.9 <= result["latency_ms_p50"] <= result["latency_ms_p90"] < 40
+
+
+def test_gzip_size_is_the_gzipped_file_in_megabytes():
+    # the definition, byte for byte: the saved state dict, gzip level 9, / 1e6
+    model = nn.Sequential(nn.Linear(100, 50))
+    expected = len(gzip.compress(measure.serialized(model), compresslevel=9))
+    assert measure.sizes(model)["size_gzip_mb"] * 1e6 == pytest.approx(expected, abs=1e-6)
