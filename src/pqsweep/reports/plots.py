@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,11 @@ def front_figure(series: list[Series], x: str, y: str, colours: dict[str, str] |
               borderaxespad=0, fontsize="small", title="method / sweep")
     if wants_log(series, x, y) if log_x is None else log_x:
         ax.set_xscale("log")
+        # 1-2-5 ticks written as plain numbers: matplotlib's default labels every minor tick as 3x10^-3 when the
+        # axis spans under two decades, and neighbours overlap.
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(axis_label(x))
     ax.set_ylabel(axis_label(y))
     ax.set_title(title(series, x, y))
