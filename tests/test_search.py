@@ -3,6 +3,7 @@ by a deployment budget. `pqsweep -m` runs as a subprocess; the Optuna study and 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,10 @@ def test_a_constrained_tpe_study_records_each_trials_constraints_from_its_run(tm
         assert t.constraints == pytest.approx(expected)  # what TPE and NSGA-II rank by
         assert t.system_attrs["constraints:size_gzip_mb<=0.004"] == pytest.approx(expected["size_gzip_mb<=0.004"])
     feasible = [all(v <= 0 for v in t.constraints.values()) for t in trials]
-    assert set(study(tmp_path, "mnist_cnn_pareto_tpe").best_trials) <= {t for t, ok in zip(trials, feasible) if ok}
+    stored = study(tmp_path, "mnist_cnn_pareto_tpe")
+    assert set(stored.best_trials) <= {t for t, ok in zip(trials, feasible) if ok}
+    # part of the study's identity: a resume under another budget is refused like any other changed setting
+    assert json.loads(stored.user_attrs["pqsweep.fixed"]["study.constraints"]) == json.loads(budget)
 
 
 @pytest.mark.slow
