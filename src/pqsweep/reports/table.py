@@ -227,6 +227,18 @@ def within_budget(rows: list[Row], bounds, objectives) -> tuple[str, dict[str, R
     return compress.name, {m: None if i is None else rows[i] for m, i in chosen.items()}
 
 
+def paper_tables(path: str | None, sweeps: list[Sweep], rows: list[Row]) -> list:
+    """The paper's tables beside ours, for a single sweep that keeps a paper's values (pqsweep.reports.paper)."""
+    from pqsweep.reports import paper
+
+    found = Path(path) if path else paper.beside(sweeps[0].name) if len(sweeps) == 1 else None
+    if found is None:
+        return []
+    if not found.is_file():
+        raise SystemExit(f"pqsweep-report: --paper {found}: no such file")
+    return paper.tables(paper.load(found), [r.run for r in rows])
+
+
 # -- Optuna's side ---------------------------------------------------------------------------------------------
 
 
@@ -283,6 +295,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plots", action="store_true", help="no plots")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
     parser.add_argument("--storage", help="the Optuna storage, where the parent run's tag masks its password")
+    parser.add_argument("--paper", help="a paper's values as CSV (default: sweeps/<sweep>.paper.csv where it exists)")
     args = parser.parse_args(argv)
     if not (args.sweeps or args.run or args.list):
         parser.error("name a sweep (or --run ID, or --list)")
@@ -344,6 +357,11 @@ def main(argv: list[str] | None = None) -> None:
                      [[m] + ([shown(r, c) for c in cells] + [r.run.info.run_id] if r else ["-"] * (len(cells) + 1))
                       for m, r in chosen.items()]))
 
+    papers = paper_tables(args.paper, sweeps, rows)
+    for title, paper_header, paper_body in papers:
+        print(f"{title}: ours (mean ± sd over seeds where several), the paper's value, ours - paper")
+        print(render(paper_header, paper_body))
+
     studies = []
     for sweep in sweeps:
         study, why = optuna_study(sweep, args.storage)
@@ -353,6 +371,13 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
     written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies)
+    for title, paper_header, paper_body in papers:
+        stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.split(", ", 1)[1]).lower())
+        with open(f"{stem}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([paper_header, *paper_body])
+        Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body))
+        Path(f"{stem}.tex").write_text(latex(paper_header, paper_body))
+        written += [Path(f"{stem}.{ext}") for ext in ("csv", "md", "tex")]
     if written:
         print(f"wrote {len(written)} files under {out}")
     if not args.no_log and len(sweeps) == 1:

@@ -1,0 +1,152 @@
+"""A paper's table beside its reproduction: the published values as data, matched to a sweep's trials.
+
+Each sweep that reproduces a paper keeps the paper's numbers beside it, `sweeps/<study name>.paper.csv`, one row per
+published cell, copied exactly as printed (`78,170`, `-`):
+
+    source, table, row, column, value, unit,  match,                                     metric,       factor
+    004_...txt, Table I, 0 / 16, Size (bytes), "17,626", bytes, pruning.amount=0 quantization.bits=16, size_gzip_mb, 1000000
+
+`match` names the params of the trials that reproduce the cell (several trials: several seeds), `metric` what is
+compared with it (a logged metric, or one of the papers' own formulas below), and `factor` turns ours into the
+paper's unit (MB -> bytes). The report prints the paper's rows and columns with ours (mean, and the spread over
+seeds), the paper's value and the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+
+
+@dataclass(frozen=True)
+class Cell:
+    source: str
+    table: str
+    row: str
+    column: str
+    value: str  # as printed
+    unit: str
+    match: dict[str, str]
+    metric: str
+    factor: float
+
+    @property
+    def published(self) -> float | None:
+        """The printed value as a number ("78,170" -> 78170); None for "-" and other non-numbers."""
+        try:
+            return float(self.value.replace(",", "").replace("%", "").strip())
+        except ValueError:
+            return None
+
+
+def load(path: Path) -> list[Cell]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [Cell(r["source"], r["table"], r["row"], r["column"], r["value"], r["unit"],
+                     dict(item.split("=", 1) for item in r["match"].split()), r["metric"], float(r["factor"] or 1))
+                for r in csv.DictReader(f)]
+
+
+def beside(sweep_name: str) -> Path | None:
+    """The paper values kept beside the sweep file of that name (in the checkout or the installed package)."""
+    from importlib.resources import files
+
+    path = Path(str(files("pqsweep.conf") / "sweep" / f"{sweep_name}.paper.csv"))
+    return path if path.is_file() else None
+
+
+# -- the papers' own formulas, from a trial's metrics and params ------------------------------------------------
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def q_004(metrics: dict[str, float], params: dict[str, str]) -> float | None:
+    """Seed 004's model quality, its Eq. 5: Q = (s + 8 / p) / 2 * tanh(Δacc) * sigmoid(r), with s the sparsity, p the
+    weight precision in bits, Δacc the accuracy change in percentage points and r the reduction factor of the
+    compressed file (the paper's sizes are gzip'd). Its baseline row is undefined ("-") in the paper."""
+    try:
+        s, bits = metrics["sparsity"], float(params["quantization.bits"])
+        delta, r = metrics["top1_delta"], metrics["reduction_factor_gzip"]
+    except (KeyError, ValueError):
+        return None
+    return (s + 8.0 / bits) / 2.0 * math.tanh(delta) * sigmoid(r)
+
+
+DERIVED: dict[str, Callable[[dict[str, float], dict[str, str]], float | None]] = {"q_004": q_004}
+
+
+def matches(run: Run, wanted: dict[str, str]) -> bool:
+    """Every wanted param equal, as numbers where both are numbers ("0" matches a logged "0.0")."""
+    for key, value in wanted.items():
+        logged = run.data.params.get(key)
+        if logged == value:
+            continue
+        try:
+            if logged is None or float(logged) != float(value):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def ours(cell: Cell, runs: list[Run]) -> list[float]:
+    """The cell's value in each finished trial that reproduces it, in the paper's unit."""
+    found = []
+    for run in runs:
+        if run.info.status != "FINISHED" or not matches(run, cell.match):
+            continue
+        metrics = run.data.metrics
+        value = DERIVED[cell.metric](metrics, run.data.params) if cell.metric in DERIVED else metrics.get(cell.metric)
+        if value is not None and not math.isnan(value):
+            found.append(value * cell.factor)
+    return found
+
+
+def digits(cell: Cell) -> int:
+    """As many decimals as the paper printed."""
+    text = cell.value.replace(",", "")
+    return len(text.split(".", 1)[1]) if "." in text else 0
+
+
+def shown(cell: Cell, values: list[float], d: int) -> tuple[str, str]:
+    """(ours: the mean, ± the standard deviation over seeds, to `d` decimals; the difference ours - paper)."""
+    if not values:
+        return "-", "-"
+    mean = statistics.fmean(values)
+    fmt = f",.{d}f" if cell.unit == "bytes" else f".{d}f"  # bytes grouped as the paper prints them: 78,170
+    text = format(mean, fmt)
+    if len(values) > 1:
+        text += f" ± {format(statistics.stdev(values), fmt)} (n={len(values)})"
+    paper = cell.published
+    return text, "-" if paper is None else f"{mean - paper:+,.{d}f}"
+
+
+def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, body) per paper table: its rows and columns, each column as ours / paper / Δ."""
+    out = []
+    for key in dict.fromkeys((c.source, c.table) for c in cells):
+        own = [c for c in cells if (c.source, c.table) == key]
+        columns = list(dict.fromkeys(c.column for c in own))
+        # as precise as the paper printed the column (a "-" cell, such as a baseline's own Δ, has no digits)
+        precision = {col: max(digits(c) for c in own if c.column == col) for col in columns}
+        header = ["row"] + [f"{c} {part}" for c in columns for part in ("ours", "paper", "Δ")]
+        body = []
+        for row in dict.fromkeys(c.row for c in own):
+            line = [row]
+            for column in columns:
+                cell = next((c for c in own if c.row == row and c.column == column), None)
+                if cell is None:
+                    line += ["", "", ""]
+                    continue
+                mine, delta = shown(cell, ours(cell, runs), precision[column])
+                line += [mine, cell.value, delta]
+            body.append(line)
+        out.append((f"{key[0]}, {key[1]}", header, body))
+    return out

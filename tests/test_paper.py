@@ -1,0 +1,85 @@
+"""A paper's values kept as data beside its sweep, its formulas against its own rows, and the report in the paper's
+layout with the paper's value and the difference beside ours."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import mlflow
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pqsweep.reports import paper, table
+
+SWEEP = "mnist_cnn_sparsity_x_precision"  # the make run grid: seed 004's Table I at cpu scale
+
+
+@pytest.fixture(scope="module")
+def cells():
+    path = paper.beside(SWEEP)
+    assert path is not None, "the paper's values ship beside the sweep file"
+    return paper.load(path)
+
+
+def test_seed_004_tables_i_and_iii_are_stored_as_printed(cells):
+    table_i = [c for c in cells if c.table == "Table I"]
+    assert len(table_i) == 18 * 4 and len([c for c in cells if c.table == "Table III"]) == 18
+    first = {c.column: c for c in table_i if c.row == "0 / 32"}
+    assert first["Size (bytes)"].value == "78,170" and first["Size (bytes)"].published == 78170
+    assert first["Reduction Factor"].value == "-" and first["Reduction Factor"].published is None
+    assert {c.row for c in table_i} >= {"0.90 / 8", "0.99 / 16"}  # the rows as the paper writes them
+    assert {c.metric for c in cells} <= {"size_gzip_mb", "reduction_factor_gzip", "top1", "top1_delta", "q_004"}
+    assert all(set(c.match) == {"pruning.amount", "quantization.bits"} for c in cells)
+
+
+def test_q_of_table_iii_follows_from_table_i_by_eq_5(cells):
+    # CNN at 0 % / 16 bit: (0 + 8/16) / 2 * tanh(-0.37) * sigmoid(4.43) = -0.0875
+    assert paper.q_004({"sparsity": 0.0, "top1_delta": -0.37, "reduction_factor_gzip": 4.43},
+                       {"quantization.bits": "16"}) == pytest.approx(-0.0875, abs=5e-5)
+    table_i = {(c.row, c.column): c.published for c in cells if c.table == "Table I"}
+    checked = 0
+    for cell in cells:
+        if cell.table != "Table III" or cell.published is None:
+            continue
+        sparsity, bits = cell.row.split(" / ")
+        q = paper.q_004({"sparsity": float(sparsity), "top1_delta": table_i[cell.row, "Δ Accuracy (%)"],
+                         "reduction_factor_gzip": table_i[cell.row, "Reduction Factor"]}, {"quantization.bits": bits})
+        assert q == pytest.approx(cell.published, abs=1.5e-4), cell.row  # inputs printed to 2 decimals, Q to 4
+        checked += 1
+    assert checked == 17  # every row but the baseline's "-"
+
+
+def test_the_report_prints_the_papers_rows_and_columns_with_ours_and_the_difference(tmp_path, capsys):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("pqsweep", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={"stage": "sweep", "sweep": SWEEP}).info.run_id
+    # 0.5 / 8 at two seeds (its cells are their mean and spread), 0 / 16 at one; no other point ran
+    trials = [("0.5", "8", 0, 96.0, 0.008), ("0.5", "8", 1, 97.0, 0.010), ("0.0", "16", 0, 95.5, 0.0356)]
+    for amount, bits, seed, top1, gzip_mb in trials:
+        run = client.create_run(experiment, tags={"stage": "trial", "sweep": SWEEP, "mlflow.parentRunId": parent})
+        metrics = {"top1": top1, "size_gzip_mb": gzip_mb, "top1_delta": top1 - 95.6, "sparsity": float(amount),
+                   "reduction_factor_gzip": 0.0697 / gzip_mb}
+        client.log_batch(run.info.run_id, params=[Param("pruning.amount", amount), Param("quantization.bits", bits),
+                                                  Param("train.seed", str(seed))],
+                         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    table.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "004_e4042dc0bebbda7b.txt, Table I:" in out and "004_e4042dc0bebbda7b.txt, Table III:" in out
+    section = out.split("Table I:")[1].split("Table III:")[0]
+    lines = section.splitlines()
+    assert "Size (bytes) ours" in lines[1] and "Size (bytes) paper" in lines[1] and "Accuracy (%) Δ" in lines[1]
+    row = next(line for line in lines if line.strip().startswith("0.5 / 8"))
+    sd = statistics.stdev([8000, 10000])
+    assert f"9,000 ± {sd:,.0f} (n=2)" in row and "8,173" in row and "+827" in row  # ours, the paper's, the Δ
+    assert "96.50 ± 0.71 (n=2)" in row and "97.15" in row and "-0.65" in row
+    untouched = next(line for line in lines if line.strip().startswith("0.90 / 8"))
+    assert untouched.split()[3:6] == ["-", "5,331", "-"]  # not run: ours and Δ empty, the paper's value stands
+    q_row = next(line for line in out.split("Table III:")[1].splitlines() if line.strip().startswith("0 / 16"))
+    q = (0 + 8 / 16) / 2 * math.tanh(95.5 - 95.6) / (1 + math.exp(-0.0697 / 0.0356))
+    assert f"{q:.4f}" in q_row and "-0.0875" in q_row
+    assert (tmp_path / "paper-table_i.md").read_text().startswith("004_e4042dc0bebbda7b.txt, Table I")
+    assert (tmp_path / "paper-table_iii.csv").is_file()
