@@ -17,6 +17,8 @@ BENCH_ARGS_startup := --repeats 3
 BENCH_ARGS_methods := --csv results/methods_cnn_mnist5k.csv
 # speed.py's full rounds alone took 14 min here; --quick, 6 min
 BENCH_ARGS_speed := --quick
+# search_vs_grid.py's full 96-point grid and 3 x 2 searches took 6-9 min here; --quick (32 points, 10 trials), ~2.5
+BENCH_ARGS_search_vs_grid := --quick
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
