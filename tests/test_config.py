@@ -13,12 +13,12 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from pqsweep import cli, pipeline
-from pqsweep.config import METRICS, OBJECTIVES, ConfigError, Engine, directions, validate
+from pqsweep.config import METRICS, OBJECTIVES, ConfigError, Engine, TrainConfig, directions, validate
 from pqsweep.preflight import check
 
 from nets import compose_cfg, options, write_cifar10, write_data_sets
 
-GROUPS = ["model", "dataset", "pruning", "quantization", "sweep"]
+GROUPS = ["model", "dataset", "pruning", "quantization", "train", "sweep"]
 METHOD_GROUPS = ["model", "dataset", "pruning", "quantization"]  # groups whose options name a `_target_`
 
 
@@ -67,7 +67,7 @@ def test_option_composes_with_the_defaults_validates_and_its_targets_resolve(gro
             under = [cfg] + [compose_cfg(f"sweep={option}", f"{group}={o}", hydra=True)
                              for o in (swept.sweep_string_iterator() if swept else [])]
             assert key in GROUPS or any(OmegaConf.select(c, key, default=KeyError) is not KeyError for c in under), key
-    else:
+    elif group != "train":  # a recipe is its values (a baseline's key hashes them), it carries no name
         assert cfg[group].name == option  # the `name` each run logs is the option it was composed from
 
 
@@ -371,3 +371,15 @@ def test_cli_refuses_bad_input_before_running_anything(tmp_path):
     last = [line for line in done.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("pqsweep: error: model=nope is not an option; allowed: ")
     assert list(tmp_path.iterdir()) == []  # not even Hydra's outputs/ folder: nothing ran
+
+
+def test_the_papers_recipes_are_what_the_papers_state():
+    paper002 = compose_cfg("train=paper002_sgd_cosine").train
+    assert (paper002.epochs, paper002.batch_size) == (200, 128)
+    assert OmegaConf.to_container(paper002.optimizer) == {"_target_": "torch.optim.SGD", "lr": 0.01, "momentum": 0.9,
+                                                          "weight_decay": 5e-4}
+    assert paper002.scheduler._target_.endswith("CosineAnnealingLR") and paper002.scheduler.T_max == 200
+    paper004 = compose_cfg("train=paper004_12_epochs").train
+    assert (paper004.epochs, paper004.finetune_epochs, paper004.batch_size) == (12, 12, 128)
+    default = compose_cfg().train  # today's defaults, as the schema has them: nothing a baseline's key hashes moved
+    assert OmegaConf.to_container(default) == OmegaConf.to_container(OmegaConf.structured(TrainConfig))

@@ -508,6 +508,7 @@ def register() -> None:
         ("schema/quantization", "qat", QATConfig),
         ("schema/quantization", "mixed", MixedConfig),
         ("schema/quantization", "fake_quant", FakeQuantConfig),
+        ("schema/train", "train", TrainConfig),
     ]:
         cs.store(group=group, name=name, node=node, replace=True)
 
