@@ -47,7 +47,7 @@ sweep: install ## run one study from sweeps/: make sweep SWEEP=<name>
 report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
 	$(BIN)/pqsweep-report $(SWEEP)
 
-bench: install $(addprefix bench-,$(BENCHMARKS)) ## run every benchmark in turn (15 min), CSVs in results/; make bench-<name>: one
+bench: install $(addprefix bench-,$(BENCHMARKS)) ## run every benchmark in turn (19 min here), CSVs in results/; make bench-<name>: one
 
 bench-%: install
 	@echo "== benchmarks/$*.py $(BENCH_ARGS_$*)"
