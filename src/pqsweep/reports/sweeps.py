@@ -7,6 +7,7 @@ a name then picks the newest, and `--run` any other.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -31,14 +32,16 @@ class Sweep:
         text = self.parent.data.params.get("objectives")
         return [name for name in text.split(",") if name] if text else []
 
-    @property
+    @functools.cached_property
     def swept(self) -> list[str]:
         """The keys the sweep varied: its search space as the parent run logged it, and any param whose value differs
-        between its trials (a command-line grid of Hydra's basic sweeper logs no space)."""
+        between its trials (a command-line grid of Hydra's basic sweeper logs no space). Computed once: the report
+        asks for it per row."""
         params = self.parent.data.params
         keys = [k.split(".", 1)[1] for k in params if k.startswith(("space.", "sweeper."))]
-        varies = {key for run in self.trials for key, value in run.data.params.items()
-                  if any(other.data.params.get(key) != value for other in self.trials)}
+        logged = {key for run in self.trials for key in run.data.params}
+        # a key varies when its trials hold more than one value for it, a trial without it counting as None
+        varies = {key for key in logged if len({run.data.params.get(key) for run in self.trials}) > 1}
         for key in sorted(varies - set(keys)):
             group = key.split(".", 1)[0]
             # A swept group's option name says it all: its other keys (_target_, backend, ...) differ with it.
