@@ -299,11 +299,7 @@ class StudyRun:
 
         if not self.bounds:
             return
-        metrics = {}
-        for name in dict.fromkeys(bound.metric for bound in self.bounds):
-            value = self.tracking.finished_values(run_id, [name])
-            if value is not None:
-                metrics[name] = value[0]
+        metrics = self.tracking.finished_metrics(run_id) or {}  # one read of the run, whatever the bounds
         for bound, value in zip(self.bounds, constraint_values(metrics, self.bounds)):
             self.study._storage.set_trial_system_attr(trial._trial_id, f"{CONSTRAINTS_KEY}:{constraint_name(bound)}",
                                                       value)

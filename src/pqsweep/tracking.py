@@ -155,20 +155,26 @@ def run_error(run_id: str) -> str | None:
         return None
 
 
-def finished_values(run_id: str | None, names: list[str]) -> list[float] | None:
-    """The run's metrics `names` when it ended FINISHED with all of them (a trial whose process died after its run
-    ended but before the sweeper heard of it); else None."""
+def finished_metrics(run_id: str | None) -> dict[str, float] | None:
+    """The metrics of a run that ended FINISHED, NaN ones left out; None for any other run (or none)."""
     if not run_id:
         return None
     try:
         run = MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
-    metrics = run.data.metrics
-    if run.info.status != "FINISHED" or not all(name in metrics for name in names):
+    if run.info.status != "FINISHED":
         return None
-    values = [float(metrics[name]) for name in names]
-    return None if any(math.isnan(v) for v in values) else values
+    return {name: float(value) for name, value in run.data.metrics.items() if not math.isnan(value)}
+
+
+def finished_values(run_id: str | None, names: list[str]) -> list[float] | None:
+    """The run's metrics `names` when it ended FINISHED with all of them (a trial whose process died after its run
+    ended but before the sweeper heard of it); else None."""
+    metrics = finished_metrics(run_id)
+    if metrics is None or not all(name in metrics for name in names):
+        return None
+    return [metrics[name] for name in names]
 
 
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
