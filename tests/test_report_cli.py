@@ -149,3 +149,21 @@ def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monke
     mlflow.set_tracking_uri("file:///nowhere")  # main must set the URI itself
     table.main(["grid"])
     assert "sweep grid: 1 trials" in capsys.readouterr().out
+
+
+def test_the_swept_keys_are_columns_and_what_only_says_where_or_follows_a_group_is_not(client, capsys):
+    # train.finetune_lr was swept (the issue's example of a key the old fixed columns never showed); the runs' ids and
+    # the quantization options' own keys differ too, but they say where a trial ran or follow the option's name
+    client, uri = client
+    experiment = client.create_experiment("pqsweep")
+    trials = []
+    for i, (lr, quantization) in enumerate([("0.001", "none"), ("0.01", "none"), ("0.001", "static_int8")]):
+        params, metrics = point("0.5", quantization, "8" if quantization == "static_int8" else "32", top1=90.0 + i)
+        params |= {"train.finetune_lr": lr, "tracking.run_id": f"run{i}", "quantization._target_": f"q.{quantization}"}
+        trials.append((params, metrics))
+    log_sweep(client, experiment, "grid", trials)
+    table.main(["grid", "--uri", uri, "--no-plots", "--no-log"])
+    (header, *_) = [list(row) for row in body(capsys.readouterr().out)]
+    assert "train.finetune_lr" in header and "quant" in header and "bits" in header
+    assert "tracking.run_id" not in header and "quantization._target_" not in header
+    assert header.count("quant") == 1  # a swept key that is also a method column appears once
