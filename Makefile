@@ -47,6 +47,16 @@ sweep: install ## run one study from sweeps/: make sweep SWEEP=<name>
 report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
 	$(BIN)/pqsweep-report $(SWEEP)
 
+results: install ## a paper's sweep at cpu scale, its report kept in results/<SWEEP>/ with the command, date and machine
+	$(BIN)/pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)
+	rm -rf results/$(SWEEP) && $(BIN)/pqsweep-report $(SWEEP) --no-plots --out results/$(SWEEP)
+	@{ echo "# $(SWEEP) at cpu scale"; echo; \
+	  echo "- command: \`make results SWEEP=$(SWEEP)$(if $(SWEEP_ARGS), SWEEP_ARGS='$(SWEEP_ARGS)')\` (\`pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)\`, then \`pqsweep-report $(SWEEP)\`)"; \
+	  echo "- date: $$(date -u '+%Y-%m-%d %H:%M UTC'), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; \
+	  echo "- machine: $$(nproc) cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $$(free -g | awk '/Mem:/ {print $$2}') GiB, no GPU used; $$($(BIN)/python -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__}")')"; \
+	  echo "- sweep: sweeps/$(SWEEP).yaml; paper values: sweeps/$(SWEEP).paper.csv"; } > results/$(SWEEP)/README.md
+	@cat results/$(SWEEP)/README.md
+
 bench: install $(addprefix bench-,$(BENCHMARKS)) ## run every benchmark in turn (19 min here), CSVs in results/; make bench-<name>: one
 
 bench-%: install
@@ -60,5 +70,5 @@ ui: install ## the MLflow UI for ./mlflow.db on http://127.0.0.1:5000
 clean: ## remove run outputs, the baseline cache and the local MLflow store (keeps .venv)
 	rm -rf outputs multirun .pqsweep_cache mlflow.db mlartifacts .pytest_cache
 
-.PHONY: help install run test test-fast sweep report bench ui clean
+.PHONY: help install run test test-fast sweep report results bench ui clean
 .NOTPARALLEL: bench  # benchmarks side by side would time each other

@@ -489,11 +489,23 @@ class Config:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     export: Export = Export.none  # write the compressed model as an MLflow artifact, checked against eager outputs
     device: str = "cpu"  # training device; evaluation of quantized models is always on the CPU
+    scale: str = "cpu"  # set by conf/scale/: the size a paper's sweep file runs at (SCALES); its ${paper_cpu:..} read it
+
+
+# A sweep file that reproduces a paper runs at either size: a value that differs is written ${paper_cpu:200,2} (the
+# paper's, then cpu's), and the data set as `override /dataset: ${scale}/cifar10` (conf/dataset/paper/, cpu/).
+SCALES = ("paper", "cpu")
+
+
+def paper_cpu(paper: Any, cpu: Any, *, _root_: DictConfig) -> Any:
+    """The resolver ${paper_cpu:<paper value>,<cpu value>}: the one of the run's scale."""
+    return paper if _root_.scale == "paper" else cpu
 
 
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent: the CLI and the tests both call it)."""
     cs = ConfigStore.instance()
+    OmegaConf.register_resolver("paper_cpu", paper_cpu, replace=True)
     for group, name, node in [
         (None, "config_schema", Config),
         ("schema/model", "model", ModelConfig),

@@ -53,11 +53,15 @@ def load(path: Path) -> list[Cell]:
 
 
 def beside(sweep_name: str) -> Path | None:
-    """The paper values kept beside the sweep file of that name (in the checkout or the installed package)."""
+    """The paper values kept beside the sweep file of that name (in the checkout or the installed package). A sweep
+    file's study at scale=paper is named <file>_paper, and shares the file's values."""
     from importlib.resources import files
 
-    path = Path(str(files("pqsweep.conf") / "sweep" / f"{sweep_name}.paper.csv"))
-    return path if path.is_file() else None
+    for name in dict.fromkeys([sweep_name, sweep_name.removesuffix("_paper")]):
+        path = Path(str(files("pqsweep.conf") / "sweep" / f"{name}.paper.csv"))
+        if path.is_file():
+            return path
+    return None
 
 
 # -- the papers' own formulas, from a trial's metrics and params ------------------------------------------------
