@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SWEEP ?= mnist_cnn_sparsity_x_precision
 STAMP := $(VENV)/.installed
+# where `make results` keeps its MLflow store, Optuna journal and cache (./mlflow.db by default)
+RUN_DIR ?= .
 # Every script in benchmarks/ is a benchmark but its helpers (plain_grid.py: framework.py's reference side;
 # timed_sweep.py: how the sweep benchmarks run a sweep and read it back). `make bench` runs each with its defaults or
 # BENCH_ARGS_<name>, sized so that all of them take under 20 min on the shared 2-core machine, at one torch thread:
@@ -48,8 +50,8 @@ report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
 	$(BIN)/pqsweep-report $(SWEEP)
 
 results: install ## a paper's sweep at cpu scale, its report kept in results/<SWEEP>/ with the command, date and machine
-	$(BIN)/pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)
-	rm -rf results/$(SWEEP) && $(BIN)/pqsweep-report $(SWEEP) --no-plots --out results/$(SWEEP)
+	mkdir -p $(RUN_DIR) && cd $(RUN_DIR) && $(CURDIR)/$(BIN)/pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)
+	rm -rf results/$(SWEEP) && cd $(RUN_DIR) && $(CURDIR)/$(BIN)/pqsweep-report $(SWEEP) --no-plots --out $(CURDIR)/results/$(SWEEP)
 	@{ echo "# $(SWEEP) at cpu scale"; echo; \
 	  echo "- command: \`make results SWEEP=$(SWEEP)$(if $(SWEEP_ARGS), SWEEP_ARGS='$(SWEEP_ARGS)')\` (\`pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)\`, then \`pqsweep-report $(SWEEP)\`)"; \
 	  echo "- date: $$(date -u '+%Y-%m-%d %H:%M UTC'), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; \
