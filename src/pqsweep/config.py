@@ -334,6 +334,9 @@ class TrainConfig:
         default_factory=lambda: {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 0.0}
     )
     scheduler: Any = None  # e.g. {_target_: torch.optim.lr_scheduler.CosineAnnealingLR, T_max: ${train.epochs}}
+    # Module-name prefixes whose parameters train (e.g. [layer3, layer4, fc]: 000 fine-tunes only those of an
+    # ImageNet ResNet-18); the others are frozen in every training phase. null or []: all train.
+    trainable: Optional[List[str]] = None
 
     def checks(self) -> list[Check]:
         lr = self.finetune_lr
@@ -422,6 +425,7 @@ METRICS: dict[str, str | None] = {
     "size_mb": "minimize", "size_gzip_mb": "minimize", "size_sparse_mb": "minimize", "size_theoretical_mb": "minimize",
     "reduction_factor": "maximize", "reduction_factor_gzip": "maximize",
     "latency_ms_p50": "minimize", "latency_ms_p90": "minimize", "export_max_abs_diff": "minimize",
+    "params_trainable": None,  # parameters of the float model that train.trainable lets train: a fact, not a goal
     "latency_threads": None,  # a setting recorded as a metric, not something to optimise
 }
 OBJECTIVES = [name for name, direction in METRICS.items() if direction]
