@@ -222,6 +222,8 @@ class PruningConfig:
 @dataclass
 class L1FilterConfig(PruningConfig):
     scope: Scope = Scope["layer"]  # per-layer ratio (Li et al.), or one global ranking of filters
+    # true: channels a residual add ties to several convs stay whole, each block's inner ones are pruned (002)
+    keep_tied: bool = False
 
 
 @dataclass
