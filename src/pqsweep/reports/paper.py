@@ -38,11 +38,27 @@ class Cell:
 
     @property
     def published(self) -> float | None:
-        """The printed value as a number ("78,170" -> 78170); None for "-" and other non-numbers."""
+        """The printed value as a number in the cell's unit ("78,170" -> 78170, "671K" -> 671, "1.6 \\times" ->
+        1.6); None for "-" and other non-numbers."""
         try:
-            return float(self.value.replace(",", "").replace("%", "").strip())
+            return float(number_text(self.value))
         except ValueError:
             return None
+
+
+# What papers print after a number, stripped before it is read (the cell's `unit` says what it meant): a multiplier
+# sign ("2×", a LaTeX "2 \\times" left in the text) and a thousands / millions suffix ("671K", "2.2M").
+MARKS = ("\\times", "×", "%")
+SUFFIXES = ("K", "M")
+
+
+def number_text(value: str) -> str:
+    """The printed value without grouping commas, marks and a K / M suffix: "2.2M" -> "2.2" (the unit says M)."""
+    text = value.replace(",", "")
+    for mark in MARKS:
+        text = text.replace(mark, "")
+    text = text.strip()
+    return text[:-1].strip() if text[-1:] in SUFFIXES and text[:-1].strip() else text
 
 
 def load(path: Path) -> list[Cell]:
@@ -111,8 +127,15 @@ def score_002(metrics: dict[str, float], params: dict[str, str]) -> float | None
     return score_002_formula(0.0, 0.0, qw, qa, w, f)
 
 
+def param_compression(metrics: dict[str, float], params: dict[str, str]) -> float | None:
+    """Seed 003's "compression rate": total parameters over the non-zero ones left by pruning (57M -> 5M: 10x)."""
+    total, left = metrics.get("params_total"), metrics.get("params_nonzero")
+    return None if total is None or not left else total / left
+
+
 DERIVED: dict[str, Callable[[dict[str, float], dict[str, str]], float | None]] = {"q_004": q_004,
-                                                                                   "score_002": score_002}
+                                                                                   "score_002": score_002,
+                                                                                   "param_compression": param_compression}
 
 
 def matches(run: Run, wanted: dict[str, str]) -> bool:
@@ -144,7 +167,7 @@ def ours(cell: Cell, runs: list[Run]) -> list[float]:
 
 def digits(cell: Cell) -> int:
     """As many decimals as the paper printed."""
-    text = cell.value.replace(",", "")
+    text = number_text(cell.value)
     return len(text.split(".", 1)[1]) if "." in text else 0
 
 
