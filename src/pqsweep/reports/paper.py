@@ -137,6 +137,11 @@ DERIVED: dict[str, Callable[[dict[str, float], dict[str, str]], float | None]] =
                                                                                    "score_002": score_002,
                                                                                    "param_compression": param_compression}
 
+# What a paper prints that no pqsweep trial measures, and why: such a cell keeps the paper's value, ours shows "-".
+UNMEASURED: dict[str, str] = {
+    "latency_ms_p50_gpu": "pqsweep times batch-1 latency on the CPU only (pqsweep.measure.latency)",
+}
+
 
 def matches(run: Run, wanted: dict[str, str]) -> bool:
     """Every wanted param equal, as numbers where both are numbers ("0" matches a logged "0.0")."""
