@@ -30,7 +30,8 @@ SCOPES = ("layer", "global")
 
 def l1_filter(model: nn.Module, cfg, ctx) -> nn.Module:
     """`pruning=l1_filter`: remove `amount` of the filters of every layer (scope=layer) or of all (scope=global)."""
-    return prune_filters(model, ctx.example, float(cfg.amount), _scope(cfg), read_layer_amounts(cfg))
+    return prune_filters(model, ctx.example, float(cfg.amount), _scope(cfg), read_layer_amounts(cfg),
+                         keep_tied=bool(cfg.get("keep_tied", False)))
 
 
 def structured_unstructured(model: nn.Module, cfg, ctx) -> nn.Module:
@@ -38,18 +39,21 @@ def structured_unstructured(model: nn.Module, cfg, ctx) -> nn.Module:
     `unstructured` of the weights that remain (the 4x4 grid of 002); the pipeline fine-tunes after."""
     layer_amounts = read_layer_amounts(cfg)
     if cfg.structured > 0 or layer_amounts:
-        model = prune_filters(model, ctx.example, float(cfg.structured), _scope(cfg), layer_amounts)
+        model = prune_filters(model, ctx.example, float(cfg.structured), _scope(cfg), layer_amounts,
+                              keep_tied=bool(cfg.get("keep_tied", False)))
         ctx.finetune(model, desc="finetune structured")
     return global_magnitude(model, OmegaConf.create({"amount": float(cfg.unstructured)}))
 
 
 def prune_filters(model: nn.Module, example: torch.Tensor, amount: float, scope: str = "layer",
-                  layer_amounts: dict[str, float] | None = None) -> nn.Module:
+                  layer_amounts: dict[str, float] | None = None, keep_tied: bool = False) -> nn.Module:
     """Remove the filters with the smallest L1 norms, `amount` of them per layer or ranked globally, in place.
 
     `layer_amounts` {module name: fraction} overrides `amount` for the channels that module produces (and the
     layers tied to them). At least one channel of every layer survives; the model's last nn.Linear (the
-    classifier) keeps all its outputs.
+    classifier) keeps all its outputs. `keep_tied` leaves whole the channels that a residual add ties to several
+    convolutions (a ResNet's stem, every block's last conv and its shortcut), so only each block's inner channels
+    are pruned: Li et al.'s setting for ResNets, where the residual-tied layers are the sensitive ones.
     """
     if scope not in SCOPES:
         raise ValueError(f"pruning.scope={scope} is not allowed: must be one of {', '.join(SCOPES)}")
@@ -63,6 +67,8 @@ def prune_filters(model: nn.Module, example: torch.Tensor, amount: float, scope:
     if amount == 0 and not any(layer_amounts.values()):
         return model
     units = _shufflenet_units(model) if isinstance(model, ShuffleNetV2) else _graph_units(model, example)
+    if keep_tied:
+        units = [unit for unit in units if not unit.tied]
     for name in sorted(set(layer_amounts) - {member for unit in units for member in unit.members}):
         # A sensitivity scan also ranks the classifier and layers tied to a shuffle; their channels stay whole.
         log.info("l1_filter: %s has no prunable output channels here; layer_amounts[%s] not applied", name, name)
@@ -91,6 +97,7 @@ class _Unit:
     members: list[str]  # every layer whose output channels these are; layer_amounts may name any of them
     scores: torch.Tensor  # one per channel
     remove: Callable[[list[int]], None]  # channel indices -> removes them from every layer that uses them
+    tied: bool = False  # several convolutions (not depthwise) or Linears make these channels: a residual add
 
     def own_amount(self, layer_amounts: dict[str, float]) -> float | None:
         return next((layer_amounts[name] for name in self.members if name in layer_amounts), None)
@@ -170,7 +177,11 @@ def _graph_units(model: nn.Module, example: torch.Tensor) -> list[_Unit]:
         members = [names[dep.target.module] for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
         root = group[0].dep
-        units.append(_Unit(members, scores, partial(_prune_group, graph, root.target.module, root.handler)))
+        producers = {dep.target.module for dep, _ in group if dep.handler in FilterL1Importance.OUT_FNS[:2]
+                     and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                     and getattr(dep.target.module, "groups", 1) == 1}
+        units.append(_Unit(members, scores, partial(_prune_group, graph, root.target.module, root.handler),
+                           tied=len(producers) > 1))
     return units
 
 
