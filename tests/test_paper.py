@@ -83,3 +83,21 @@ def test_the_report_prints_the_papers_rows_and_columns_with_ours_and_the_differe
     assert f"{q:.4f}" in q_row and "-0.0875" in q_row
     assert (tmp_path / "paper-table_i.md").read_text().startswith("004_e4042dc0bebbda7b.txt, Table I")
     assert (tmp_path / "paper-table_iii.csv").is_file()
+
+
+def test_alexnets_q_of_table_iii_follows_from_table_ii_by_eq_5():
+    """The AlexNet column of Table III from Table II's values (seed 004's second sweep file)."""
+    cells = paper.load(paper.beside("alexnet_cifar10_sparsity_x_precision"))
+    table_ii = {(c.row, c.column): c.published for c in cells if c.table == "Table II"}
+    assert len(table_ii) == 18 * 4 and table_ii["0 / 32", "Size (bytes)"] == 656_296_182
+    assert table_ii["0.99 / 8", "Reduction Factor"] == 41.97 and table_ii["0.5 / 16", "Accuracy (%)"] == 88.30
+    q = {c.row: c for c in cells if c.table == "Table III"}
+    assert set(q) == {row for row, _ in table_ii} and {c.column for c in q.values()} == {"AlexNet"}
+    assert q["0 / 32"].published is None  # the baseline's "-"
+    for row, cell in q.items():
+        if cell.published is None:
+            continue
+        sparsity, bits = row.split(" / ")
+        ours = paper.q_004({"sparsity": float(sparsity), "top1_delta": table_ii[row, "Δ Accuracy (%)"],
+                            "reduction_factor_gzip": table_ii[row, "Reduction Factor"]}, {"quantization.bits": bits})
+        assert ours == pytest.approx(cell.published, abs=1.5e-4), row
