@@ -97,3 +97,12 @@ def test_other_stores_are_left_alone(tmp_path):
     assert list(tmp_path.iterdir()) == []
     assert absolute_uri("sqlite:///:memory:") == "sqlite:///:memory:"
     assert sqlite_file(f"sqlite:///{tmp_path}/a.db?timeout=30") == tmp_path.resolve() / "a.db"
+
+
+def test_a_new_experiment_opens_in_the_ui_as_training_runs_not_genai(make_cfg, tmp_path):
+    from pqsweep import tracking
+
+    cfg = make_cfg()
+    experiment_id = tracking.setup(cfg)
+    tags = MlflowClient().get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: the runs table, not traces
