@@ -23,7 +23,7 @@ from pqsweep.cache import (BaselineCache, DataCache, MeasuredCache, PrunedCache,
 from pqsweep.config import Export, Order, validate
 from pqsweep.data import DataSplits
 from pqsweep.weights import footprint, restore_structure, structure
-from pqsweep.train import Context, fit, seed_everything
+from pqsweep.train import Context, fit, seed_everything, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,8 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
     deployed, compressed, prune_cached = compress(cfg, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
+    trainable = trainable_parameters(compressed, cfg.train.trainable)  # of the float model: int8 ones train no more
+    metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
 
     if cfg.export != Export.none:
         from pqsweep.export import export  # onnx/onnxruntime load only when asked for
