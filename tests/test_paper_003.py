@@ -20,6 +20,7 @@ from nets import compose_cfg, write_data_sets
 from pqsweep import measure, models
 from pqsweep.config import METRICS, validate
 from pqsweep.reports import paper, table
+from pqsweep.sensitivity import scannable
 from pqsweep.tracking import flat_params
 
 PRUNE_INT8 = "compact_alexnet_cifar10_fmnist_prune_int8"  # Tables 1-4
@@ -94,6 +95,20 @@ def test_each_experiment_is_the_papers_net_data_amount_and_retraining(name, scal
     reference = compose_cfg(f"experiment=paper003_{model}_fashion_mnist", f"scale={scale}")
     if over:  # over-fitted: trained 3x as long as the reference net of the same table
         assert cfg.train.epochs == 3 * reference.train.epochs
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if not e.endswith("_overfit")])
+def test_the_sensitivity_scan_of_figs_1_to_4_runs_on_each_experiment(name):
+    """The command the sweep file gives for Figs 1-4: the experiment's own pruning, one round, no re-initialisation,
+    so its "all layers" curve is the same amount in every layer with no retraining."""
+    sweep_file = (paper.beside(PRUNE_INT8).with_suffix("").with_suffix(".yaml")).read_text()
+    assert "pqsweep-sensitivity experiment=paper003_mobilenet_v2_cifar10 pruning=iterative pruning.rounds=1" in sweep_file
+    cfg = compose_cfg(f"experiment={name}", "pruning=iterative", "pruning.rounds=1", "pruning.rewind=finetune",
+                      config_name="sensitivity")
+    validate(cfg)
+    scannable(cfg)  # a per-layer option
+    assert cfg.pruning.scope.value == "layer" and cfg.sensitivity.split == "val"
+    assert cfg.train == compose_cfg(f"experiment={name}").train  # the sweep's cached baseline
 
 
 def test_the_papers_tables_are_stored_as_printed(cells):
