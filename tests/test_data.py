@@ -178,3 +178,25 @@ def test_fake_images_are_centred_and_keep_at_least_one_validation_image():
     assert -1.0 <= pixels.min() < -0.95 and 0.95 < pixels.max() <= 1.0  # (x - 0.5) / 0.5 of pixels in [0, 1]
     labels = {label for split in (splits.train, splits.val, splits.test) for _, label in split}
     assert splits.num_classes == 3 and labels <= {0, 1, 2}
+
+
+def test_num_samples_cuts_a_real_set_to_its_first_images_each_split_keeping_its_share(make_cfg):
+    from pqsweep.pipeline import load_splits
+
+    full = load_splits(make_cfg("dataset=mnist5k", tiny=False))
+    assert sizes(full) == (3600, 400, 1000)
+    cut = load_splits(make_cfg("dataset=mnist5k", "dataset.num_samples=500", tiny=False))
+    assert sizes(cut) == (360, 40, 100)  # a tenth of each split
+    for name in ("train", "val", "test"):  # its first images, the same labels
+        part, whole = getattr(cut, name), getattr(full, name)
+        assert all(torch.equal(part[i][0], whole[i][0]) and part[i][1] == whole[i][1] for i in (0, len(part) - 1))
+    assert_disjoint(cut)
+    assert sizes(load_splits(make_cfg("dataset=mnist5k", "dataset.num_samples=9000", tiny=False))) == sizes(full)
+    assert sizes(load_splits(make_cfg("dataset=fake", "dataset.num_samples=40", tiny=False))) == (29, 3, 8)
+
+
+def test_num_samples_below_one_image_a_split_is_refused_naming_the_key(make_cfg):
+    from pqsweep.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"^dataset.num_samples=2 is not allowed: must be null \(all\) or an int"):
+        validate(make_cfg("dataset=mnist5k", "dataset.num_samples=2"))

@@ -159,6 +159,9 @@ class DatasetConfig:
     resize: Optional[int] = None  # square resize of every image, e.g. 224 for ImageNet-pretrained nets
     val_fraction: float = 0.1  # share of the training data held out for validation (deterministic)
     split_seed: int = 0  # seed of the deterministic split, independent of the training seed
+    # Images used in all, train + val + test, each split keeping its share (its first images): a quick run on a real
+    # set, or a paper sweep's cpu scale. null: all. The fake set generates this many.
+    num_samples: Optional[int] = None
     # Facts the option file declares about its data:
     image_size: Optional[int] = None  # side of the square images the model gets without resize; null: unknown
     files: Dict[str, str] = field(default_factory=dict)  # what the builder reads under root -> its format
@@ -169,7 +172,9 @@ class DatasetConfig:
         resize = self.resize
         checks = [Check("val_fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0, "in (0, 1)"),
                   Check("resize", resize, resize is None or resize >= 1, "null or an integer >= 1"),
-                  at_least("split_seed", self.split_seed, 0)]  # scikit-learn takes no negative random_state
+                  at_least("split_seed", self.split_seed, 0),  # scikit-learn takes no negative random_state
+                  Check("num_samples", self.num_samples, self.num_samples is None or self.num_samples >= 3,
+                        "null (all) or an integer >= 3 (an image for each split)")]
         if self.files and self.download:
             checks.append(Check("download", "true", self.downloadable,
                                 f"false: dataset={self.name} has no automatic download; put its files under root"))

@@ -8,6 +8,7 @@ training seed, so a cached baseline and its pruned variants always see the same 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -54,6 +55,17 @@ class DataSplits:
     def from_tensors(cls, entry: dict) -> "DataSplits":
         train, val, test = (_Tensors(*entry[name]) for name in ("train", "val", "test"))
         return cls(train, val, test, entry["num_classes"], entry["in_channels"], entry["image_size"])
+
+
+def limited(splits: DataSplits, total: int | None) -> DataSplits:
+    """The splits cut to `total` images in all (dataset.num_samples), each keeping its share: its first images, at
+    least one. Unchanged when `total` is null or no smaller than the set."""
+    parts = (splits.train, splits.val, splits.test)
+    have = sum(len(part) for part in parts)
+    if total is None or total >= have:
+        return splits
+    train, val, test = (Subset(part, range(max(1, round(len(part) * total / have)))) for part in parts)
+    return dataclasses.replace(splits, train=train, val=val, test=test)
 
 
 class _Tensors(TensorDataset):

@@ -21,7 +21,7 @@ from pqsweep import measure
 from pqsweep.cache import (BaselineCache, DataCache, MeasuredCache, PrunedCache, baseline_key, data_key, measured_key,
                            pruned_key)
 from pqsweep.config import Export, Order, validate
-from pqsweep.data import DataSplits
+from pqsweep.data import DataSplits, limited
 from pqsweep.weights import footprint, restore_structure, structure
 from pqsweep.train import Context, fit, seed_everything, trainable_parameters
 
@@ -45,7 +45,12 @@ class RunResult:
 
 
 def load_splits(cfg: DictConfig) -> DataSplits:
-    """The data set's splits; those held in memory come from the data cache after their first build."""
+    """The data set's splits, cut to dataset.num_samples; those held in memory come from the data cache after
+    their first build."""
+    return limited(built_splits(cfg), cfg.dataset.num_samples)
+
+
+def built_splits(cfg: DictConfig) -> DataSplits:
     cache, key = DataCache(cfg.cache.dir), data_key(cfg)
     entry = cache.load(key)
     if entry is not None:
