@@ -55,7 +55,7 @@ results: install ## a paper's sweep at cpu scale, its report kept in results/<SW
 	@{ echo "# $(SWEEP) at cpu scale"; echo; \
 	  echo "- command: \`make results SWEEP=$(SWEEP)$(if $(SWEEP_ARGS), SWEEP_ARGS='$(SWEEP_ARGS)')\` (\`pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)\`, then \`pqsweep-report $(SWEEP)\`)"; \
 	  echo "- date: $$(date -u '+%Y-%m-%d %H:%M UTC'), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; \
-	  echo "- machine: $$(nproc) cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $$(free -g | awk '/Mem:/ {print $$2}') GiB, no GPU used; $$($(BIN)/python -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__}")')"; \
+	  echo "- machine: $$(nproc --all) cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $$(free -g | awk '/Mem:/ {print $$2}') GiB, no GPU used; $$($(BIN)/python -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__}")')"; \
 	  echo "- sweep: sweeps/$(SWEEP).yaml; paper values: sweeps/$(SWEEP).paper.csv"; } > results/$(SWEEP)/README.md
 	@cat results/$(SWEEP)/README.md
 

@@ -66,7 +66,7 @@ def test_option_composes_with_the_defaults_validates_and_its_targets_resolve(gro
             swept = OverridesParser.create().parse_override(f"{group}={params[group]}") if group in params else None
             under = [cfg] + [compose_cfg(f"sweep={option}", f"{group}={o}", hydra=True)
                              for o in (swept.sweep_string_iterator() if swept else [])]
-            assert key in GROUPS or any(OmegaConf.select(c, key, default=KeyError) is not KeyError for c in under), key
+            assert key in (*GROUPS, "experiment") or any(OmegaConf.select(c, key, default=KeyError) is not KeyError for c in under), key
     elif group != "train":  # a recipe is its values (a baseline's key hashes them), it carries no name
         assert cfg[group].name == option  # the `name` each run logs is the option it was composed from
 
