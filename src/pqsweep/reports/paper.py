@@ -140,6 +140,8 @@ DERIVED: dict[str, Callable[[dict[str, float], dict[str, str]], float | None]] =
 # What a paper prints that no pqsweep trial measures, and why: such a cell keeps the paper's value, ours shows "-".
 UNMEASURED: dict[str, str] = {
     "latency_ms_p50_gpu": "pqsweep times batch-1 latency on the CPU only (pqsweep.measure.latency)",
+    "top1_before_finetune": "pqsweep logs a pruned model's accuracy after its fine-tuning, not before",
+    "setting": "the paper prints the row's own settings as a column (seed 002's pruning fractions): its match says them",
 }
 
 
