@@ -64,10 +64,10 @@ def test_the_sweep_files_compose_at_both_scales(sweep, model, trainable, points,
     assert cfg.model.name == model and cfg.model.pretrained is paper_scale  # ImageNet weights: paper only
     assert cfg.dataset._target_ == ("pqsweep.data.cifar10" if paper_scale else "pqsweep.data.fake")
     assert cfg.dataset.resize == 224  # the paper's resolution at both scales
-    if not paper_scale:  # the stand-in's size comes from the per-scale file beside the sweep
-        assert cfg.dataset.num_samples == (40 if sweep == RESNET else 30) and cfg.dataset.num_classes == 10
-    else:
-        assert "num_samples" not in cfg.dataset
+    # all of CIFAR-10 at paper scale, a few stand-in images at cpu scale
+    assert cfg.dataset.num_samples == (None if paper_scale else 40 if sweep == RESNET else 30)
+    if not paper_scale:
+        assert cfg.dataset.num_classes == 10 and cfg.dataset.channels == 3
     # the recipe: one epoch at lr 1e-4, batch 32, only the unfrozen layers; 3 fine-tuning epochs after pruning
     assert cfg.train.epochs == 1 and cfg.train.optimizer.lr == 1e-4 and cfg.train.batch_size == 32
     assert (list(cfg.train.trainable) if cfg.train.trainable else None) == trainable
@@ -253,3 +253,22 @@ def test_trainable_is_in_the_baseline_key():
     base = compose_cfg("model=resnet18", "dataset=fake")
     frozen = compose_cfg("model=resnet18", "dataset=fake", "train.trainable=[layer3,layer4,fc]")
     assert baseline_key(base) != baseline_key(frozen) and pruned_key(base) != pruned_key(frozen)
+
+
+# -- structural cells (tests/test_structural.py has the fp32 ones and the ResNet-18's static int8 11.31 MB) ----------
+
+QUANTIZED = [("ResNet-18, Fig. 12 dynamic PTQ size (MB)", ["model=resnet18", "quantization=dynamic_int8"], 44.79),
+             ("VGG16-BN, Fig. 13 static PTQ size (MB)", ["model=vgg16_bn", "quantization=static_int8",
+                                                         "quantization.calibration_batches=1"], 134.57)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, overrides, expected", QUANTIZED, ids=[q[0] for q in QUANTIZED])
+def test_quantized_sizes_match_the_paper(make_cfg, where, overrides, expected):
+    """A real run on fake data at 224 px (training changes no size): the paper's size within 1 %."""
+    from pqsweep.pipeline import run
+
+    cfg = make_cfg("dataset=fake", "dataset.resize=224", "dataset.num_samples=12", "train.epochs=0",
+                   "train.batch_size=4", "measure.repeats=2", "measure.warmup=0", "measure.top5=false", *overrides,
+                   tiny=False)
+    assert run(cfg).metrics["size_mb"] == pytest.approx(expected, rel=0.01), where
