@@ -106,3 +106,18 @@ def test_a_new_experiment_opens_in_the_ui_as_training_runs_not_genai(make_cfg, t
     experiment_id = tracking.setup(cfg)
     tags = MlflowClient().get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: the runs table, not traces
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ([], "cnn·fp32"),
+    (["pruning=global_magnitude", "pruning.amount=0.9", "quantization=static_int8"], "cnn·gm0.9·int8"),
+    (["model=resnet18_cifar", "pruning=structured_unstructured", "pruning.structured=0.5", "pruning.unstructured=0.3",
+      "quantization=fp16", "train.seed=2"], "resnet18_cifar·su0.5+0.3·fp16·s2"),
+    (["quantization=fake_quant", "quantization.bits_w=4", "quantization.bits_a=8"], "cnn·fq4a8"),
+])
+def test_a_run_is_named_by_its_whole_method_in_short(overrides, name):
+    from nets import compose_cfg
+
+    from pqsweep.tracking import run_name
+
+    assert run_name(compose_cfg(*overrides)) == name

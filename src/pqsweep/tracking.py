@@ -229,7 +229,7 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
         tags["sweep"] = cfg.study.name
         if trial_number is not None:
             tags["trial_number"] = trial_number
-    name = f"{cfg.model.name}-{cfg.pruning.name}{cfg.pruning.amount:g}-{cfg.quantization.name}"
+    name = run_name(cfg)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with task_run(name, tags, run_id=cfg.tracking.run_id) as active:
         run_id = active.info.run_id
@@ -250,6 +250,28 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
         run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"],
     )
     return result.metrics
+
+
+# Short forms of the options for run names, which the MLflow UI cuts at about 20 characters
+PRUNING_SHORT = {"none": "", "global_magnitude": "gm", "layer_magnitude": "lm", "random": "rnd", "l1_filter": "l1f",
+                 "structured_unstructured": "su", "iterative": "it"}
+QUANTIZATION_SHORT = {"none": "fp32", "fp16": "fp16", "bf16": "bf16", "dynamic_int8": "dyn8", "static_int8": "int8",
+                      "qat_int8": "qat8", "mixed": "mix8", "weight_only_int8": "w8", "sparse": "csr", "fake_quant": "fq"}
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The whole method in a short form: model·pruning amount·precision (·seed when not 0), e.g. cnn·gm0.9·int8,
+    resnet18_cifar·su0.5+0.3·fp16, cnn·fq4a8·s2; an option without a short form keeps its name."""
+    p, q = cfg.pruning, cfg.quantization
+    parts = [cfg.model.name]
+    if p.name == "structured_unstructured":
+        parts.append(f"su{p.structured:g}+{p.unstructured:g}")
+    elif p.name != "none":
+        parts.append(f"{PRUNING_SHORT.get(p.name, p.name)}{p.amount:g}")
+    parts.append(f"fq{q.bits_w}a{q.bits_a}" if q.name == "fake_quant" else QUANTIZATION_SHORT.get(q.name, q.name))
+    if cfg.train.seed:
+        parts.append(f"s{cfg.train.seed}")
+    return "·".join(parts)
 
 
 class ParentRunCallback(Callback):
