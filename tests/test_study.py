@@ -4,6 +4,7 @@ that fail for real, and the study and the MLflow store read back afterwards."""
 from __future__ import annotations
 
 import collections
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +173,11 @@ def test_a_failing_point_anywhere_in_the_grid_never_ends_the_sweep(tmp_path, ord
     output = sweep(tmp_path, *grid, rc=1)
     assert "this run: 2 finished, 1 failed, 0 killed" in output
     assert "no prunable layer named conv9" in output.split("this run:")[1]
+    # one progress line per trial: how far, its point, its objective or failure, its time, the time left
+    lines = re.findall(r"trial (\d)/3 · layer_amounts=\S+ · (top1 [\d.]+|FAILED \(.+\)) · \d+ s( · ~[\d.]+ (?:s|min) left)?",
+                       output)
+    assert [int(n) for n, _, _ in lines] == [1, 2, 3] and [bool(left) for _, _, left in lines] == [True, True, False]
+    assert [result.startswith("FAILED") for _, result, _ in lines] == [name == "bad" for name in order]
     statuses = sorted(r.info.status for r in runs(tmp_path, "trial"))
     assert statuses == ["FAILED", "FINISHED", "FINISHED"]
     (parent,) = runs(tmp_path, "sweep")
@@ -182,6 +188,7 @@ def test_a_failing_point_anywhere_in_the_grid_never_ends_the_sweep(tmp_path, ord
     # The next run retries only the failed point; the old behaviour's exit code is a switch away.
     again = sweep(tmp_path, *grid, "hydra.sweeper.fail_on_failed_trials=false")
     assert again.count("Launching ") == 1 and "this run: 0 finished, 1 failed" in again
+    assert "trial 1/1 · layer_amounts=" in again  # a resumed grid counts only what is left to run
 
 
 def test_a_spent_failure_budget_stops_the_sweep(tmp_path):

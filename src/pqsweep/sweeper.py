@@ -38,6 +38,7 @@ import os
 import re
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional
@@ -68,6 +69,13 @@ class SweeperConf(OptunaSweeperConf):
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="pqsweep_schema", node=SweeperConf, provider="pqsweep")
+
+
+def clock(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 3.5 min, 1.2 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def is_grid(sampler) -> bool:
@@ -146,6 +154,8 @@ class StudyRun:
         self.ended: list[tuple[Any, str, str]] = []  # (trial number, state, reason) of this run's trials
         self.signal: int | None = None
         self.attempted: set[tuple] = set()  # grid points this run launched
+        self.began: dict[int, tuple[float, dict]] = {}  # trial number -> (its start, its point), for the progress line
+        self.total, self.clock = 0, time.monotonic()  # trials this run is to end, and since when (set by run)
 
     # -- what is searched --------------------------------------------------------------------------------------
 
@@ -365,6 +375,7 @@ class StudyRun:
         self.attempted.add(self.studies.point_key(params, list(self.choices)))
         for key, value in self.studies.owner().items():
             trial.set_user_attr(key, value)
+        self.began[trial.number] = (time.monotonic(), params)
         name = " ".join(f"{k}={v}" for k, v in params.items())
         run_id = self.tracking.create_trial_run(
             self.experiment_id, self.parent, name[:250],
@@ -389,6 +400,18 @@ class StudyRun:
             self.constrain(trial, run_id)
             self.study.tell(trial, values=values)
         self.ended.append((trial.number, "FAILED" if values is None else "FINISHED", reason))
+        self.progress(trial.number, values, reason)
+
+    def progress(self, number: int, values: list[float] | None, reason: str) -> None:
+        """One line per ended trial: how far this run is, the trial's point and result, its time, the time left."""
+        done, total = len(self.ended), max(self.total, len(self.ended))
+        began, params = self.began.pop(number, (time.monotonic(), {}))
+        point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+        result = f"{self.objectives[0]} {values[0]:.4g}" if values else f"FAILED ({reason[:80]})"
+        line = f"trial {done}/{total} · {point} · {result} · {clock(time.monotonic() - began)}"
+        if done < total:
+            line += f" · ~{clock((time.monotonic() - self.clock) / done * (total - done))} left"
+        log.info("%s", line)
 
     def outcome(self, ret: JobReturn, run_id: str) -> tuple[list[float] | None, str]:
         if ret.status == JobStatus.FAILED:
@@ -453,6 +476,7 @@ class StudyRun:
             log.warning("study %s: %d trial(s) of a dead process had finished their run: COMPLETE from its metrics",
                         self.name, completed)
         log.info("study %s in %s: %s", self.name, self.storage_shown, self.plan())
+        self.total, self.clock = self.to_run(), time.monotonic()
         self.tracking.set_tags(self.parent, {"grid": json.dumps(self.choices, default=str)[:5000]} if self.grid else
                                {"n_trials": str(self.impl.n_trials)})
         launched: list = []
@@ -529,16 +553,25 @@ class StudyRun:
 
     # -- what happened -----------------------------------------------------------------------------------------
 
-    def plan(self) -> str:
+    def to_run(self) -> int:
+        """Grid points without a COMPLETE trial; for a budgeted sampler, the COMPLETE trials short of n_trials."""
         from optuna.trial import TrialState
 
-        complete = self.studies.real_trials(self.study, (TrialState.COMPLETE,))
+        complete = list(self.studies.real_trials(self.study, (TrialState.COMPLETE,)))
         if self.grid:
             names = list(self.choices)
             done = {self.studies.point_key(self.studies.trial_params(t), names) for t in complete}
-            todo = sum(1 for p in self.points if self.studies.point_key(p, names) not in done)
+            return sum(1 for p in self.points if self.studies.point_key(p, names) not in done)
+        return max(0, self.impl.n_trials - len(complete))
+
+    def plan(self) -> str:
+        from optuna.trial import TrialState
+
+        if self.grid:
+            todo = self.to_run()
             return f"{len(self.points)} grid points, {len(self.points) - todo} done, {todo} to run"
-        return f"{len(complete)} of n_trials={self.impl.n_trials} trials done"
+        complete = sum(1 for _ in self.studies.real_trials(self.study, (TrialState.COMPLETE,)))
+        return f"{complete} of n_trials={self.impl.n_trials} trials done"
 
     def summarise(self) -> None:
         finished = sum(1 for e in self.ended if e[1] == "FINISHED")
