@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
+from pqsweep import helptext
 from pqsweep.config import TRUSTED_TARGETS, register
 from pqsweep.preflight import CONFIG_MODULE, preflight
 
@@ -57,6 +58,9 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
 
 def main() -> None:
+    if helptext.asked(sys.argv[1:]):
+        print(helptext.text("pqsweep"), end="")
+        return
     preflight(sys.argv[1:])
     with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
         app()

@@ -26,6 +26,7 @@ import hydra
 from hydra.utils import execution_whitelist, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from pqsweep import helptext
 from pqsweep.config import TRUSTED_TARGETS, ConfigError, register
 from pqsweep.preflight import CONFIG_MODULE, preflight
 
@@ -190,6 +191,9 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if helptext.asked(sys.argv[1:]):
+        print(helptext.text("pqsweep-sensitivity"), end="")
+        return
     preflight(sys.argv[1:], prog="pqsweep-sensitivity", config_name="sensitivity", require=scannable)
     with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
         app()

@@ -275,7 +275,16 @@ def agreement(study, rows: list[Row], sweep: Sweep) -> str:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pqsweep-report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pqsweep-report", description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pqsweep-report mnist_cnn_sparsity_x_precision                 (by study name; --list shows them)\n"
+               "  pqsweep-report NAME --objectives top1:max,latency_ms_p50:min --budget 'top1_delta>=-1' --csv t.csv\n"
+               "\n"
+               "output: the table and front on stdout, and where a paper's values are kept beside the sweep file\n"
+               "(sweeps/<name>.paper.csv) the paper's tables with ours beside; tables (CSV, markdown, LaTeX) and plots\n"
+               "(PNG, HTML) under --out (default reports/<sweep>/) and, unless --no-log, in the sweep's MLflow parent\n"
+               "run under report/.")
     parser.add_argument("sweeps", nargs="*", help="sweep names (study.name; a command-line grid is named after its "
                         "swept keys, e.g. pruning.amount+quantization); several overlay their fronts")
     parser.add_argument("--run", action="append", default=[], metavar="ID", help="a sweep by its parent run id")
