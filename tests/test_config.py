@@ -383,3 +383,13 @@ def test_the_papers_recipes_are_what_the_papers_state():
     assert (paper004.epochs, paper004.finetune_epochs, paper004.batch_size) == (12, 12, 128)
     default = compose_cfg().train  # today's defaults, as the schema has them: nothing a baseline's key hashes moved
     assert OmegaConf.to_container(default) == OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+
+
+def test_the_fine_tuning_lr_is_resolved_so_the_logged_value_is_the_one_that_trains():
+    from pqsweep.tracking import flat_params
+
+    assert flat_params(compose_cfg())["train.finetune_lr"] == "0.0001"  # a tenth of Adam's 1e-3, never "None"
+    assert flat_params(compose_cfg("train.optimizer.lr=0.05"))["train.finetune_lr"] == "0.005"
+    assert flat_params(compose_cfg("train.finetune_lr=0.02"))["train.finetune_lr"] == "0.02"
+    with pytest.raises(ConfigError, match=r"^train\.finetune_lr=None is not allowed: must be a learning rate > 0"):
+        validate(compose_cfg("train.finetune_lr=null"))

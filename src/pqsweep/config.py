@@ -334,7 +334,8 @@ class FakeQuantConfig(QuantizationConfig):
 class TrainConfig:
     epochs: int = 10  # baseline training epochs; 0 evaluates an untrained model (smoke runs)
     finetune_epochs: int = 2  # after pruning; does not change the cached baseline
-    finetune_lr: Optional[float] = None  # defaults to optimizer.lr / 10
+    # a tenth of the optimizer's lr unless set; resolved, so the value logged and printed is the one that trains
+    finetune_lr: Optional[float] = "${div:${.optimizer.lr},10}"  # Optional: null is refused in one line
     batch_size: int = 64
     seed: int = 0
     optimizer: Any = field(
@@ -348,7 +349,6 @@ class TrainConfig:
     def checks(self) -> list[Check]:
         lr = self.finetune_lr
         checks = [at_least("epochs", self.epochs, 0), at_least("finetune_epochs", self.finetune_epochs, 0),
-                  Check("finetune_lr", lr, lr is None or lr > 0, "null (optimizer.lr / 10) or a learning rate > 0"),
                   at_least("batch_size", self.batch_size, 1),
                   at_least("seed", self.seed, 0),  # numpy's seed takes no negative one
                   instantiable("optimizer", self.optimizer)]
@@ -361,6 +361,9 @@ class TrainConfig:
             checks.append(Check("optimizer.weight_decay", decay, number(decay) and decay >= 0, "a number >= 0"))
         if self.scheduler is not None:
             checks.append(instantiable("scheduler", self.scheduler))
+        # after optimizer.lr's: by default it follows that lr, and a bad one should be named where it was typed
+        checks.append(Check("finetune_lr", lr, lr is not None and lr > 0,
+                            "a learning rate > 0 (by default a tenth of train.optimizer.lr)"))
         return checks
 
 
@@ -508,6 +511,12 @@ class Config:
 SCALES = ("paper", "cpu")
 
 
+def divided(a: Any, b: Any) -> float | None:
+    """The resolver ${div:a,b}, as train.finetune_lr's default uses it; None where either is no number, so that the
+    check of the key the user typed (train.optimizer.lr=fast) answers, not this derived one."""
+    return a / b if number(a) and number(b) and b else None
+
+
 def paper_cpu(paper: Any, cpu: Any, *, _root_: DictConfig) -> Any:
     """The resolver ${paper_cpu:<paper value>,<cpu value>}: the one of the run's scale."""
     return paper if _root_.scale == "paper" else cpu
@@ -517,6 +526,7 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent: the CLI and the tests both call it)."""
     cs = ConfigStore.instance()
     OmegaConf.register_resolver("paper_cpu", paper_cpu, replace=True)
+    OmegaConf.register_resolver("div", divided, replace=True)
     for group, name, node in [
         (None, "config_schema", Config),
         ("schema/model", "model", ModelConfig),

@@ -116,8 +116,7 @@ class Context:
     initial_state: dict | None = None  # the model's weights at initialisation (rewind=reinit)
 
     def finetune_lr(self) -> float:
-        lr = self.train_cfg.finetune_lr
-        return lr if lr is not None else self.train_cfg.optimizer.lr / 10
+        return self.train_cfg.finetune_lr  # resolved in the config: a tenth of the optimizer's lr unless set
 
     def finetune(self, model: nn.Module, epochs: int | None = None, lr: float | None = None,
                  desc: str = "finetune") -> list[float]:
