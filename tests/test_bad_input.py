@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import hydra
+import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from pqsweep.config import register, validate
 from pqsweep.preflight import check
@@ -236,3 +238,23 @@ def test_the_command_refuses_before_anything_is_written(tmp_path, line, key):
     refusal(error.removeprefix("pqsweep: error: "), key)
     assert done.stdout == ""
     assert list(work.iterdir()) == [] and list(data.iterdir()) == []  # no mlflow.db, .pqsweep_cache, outputs/
+
+
+def test_an_error_at_run_time_is_one_line_and_its_traceback_is_in_the_log_and_the_failed_run(tmp_path):
+    """A mistake only the run can see (a trainable prefix the model has no layer for) ends as one line naming the
+    key, with the path of the log file that holds the traceback; the FAILED MLflow run keeps it as error.txt."""
+    script = Path(sys.executable).parent / "pqsweep"
+    done = subprocess.run([str(script), "train.epochs=1", "train.trainable=[nope]"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("pqsweep")]
+    assert len(ours) == 1 and "Traceback" not in done.stderr and "Error executing job" not in done.stderr
+    (error,) = ours
+    assert error.startswith("pqsweep: error: train.trainable=['nope'] is not allowed: must be module names")
+    log_file = Path(error.split("the traceback is in ", 1)[1].split(" and the MLflow run", 1)[0])
+    assert log_file.is_file() and "Traceback (most recent call last)" in log_file.read_text()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("pqsweep").experiment_id], "tags.stage = 'trial'")
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("ConfigError: train.trainable=")
+    text = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="error.txt")).read_text()
+    assert "Traceback (most recent call last)" in text and "nope names no parameter" in text

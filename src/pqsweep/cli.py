@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,7 +24,7 @@ from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
 from pqsweep import helptext
-from pqsweep.config import TRUSTED_TARGETS, register
+from pqsweep.config import TRUSTED_TARGETS, ConfigError, register
 from pqsweep.preflight import CONFIG_MODULE, preflight
 
 log = logging.getLogger("pqsweep")
@@ -42,14 +43,29 @@ def run_and_log(cfg: DictConfig) -> dict[str, float]:
     return log_trial(cfg, trial_number=trial)
 
 
+def fail(error: Exception) -> NoReturn:
+    """A single run's error as one line on the console and exit 1; its traceback goes to the run's log file (and,
+    by pqsweep.tracking.task_run, to the FAILED MLflow run as error.txt), whose path the line gives."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed", None, sys.exc_info())
+    for handler in files:
+        handler.handle(record)
+    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not isinstance(error, ConfigError):
+        what = f"{type(error).__name__}: {what}"
+    where = f"the traceback is in {files[0].baseFilename}" if files else "rerun with HYDRA_FULL_ERROR=1 for the traceback"
+    print(f"pqsweep: error: {what}; {where} and the MLflow run's error.txt", file=sys.stderr)
+    raise SystemExit(1)
+
+
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     objectives = list(cfg.study.objectives)
     try:
         metrics = run_and_log(cfg)
-    except Exception:
+    except Exception as error:
         if not _multirun():
-            raise
+            fail(error)
         # Recorded as a FAILED MLflow run; NaN makes Optuna mark the trial failed and the sweep goes on.
         log.exception("trial failed; the sweep goes on")
         metrics = {k: math.nan for k in objectives}

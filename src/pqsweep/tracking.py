@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import tempfile
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -105,6 +106,7 @@ def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None) -> 
             raise
         except Exception as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")  # the whole traceback, beside the one-line tag
             raise
 
 
