@@ -96,6 +96,10 @@ def installed(tmp_path_factory) -> Installed:
 def test_the_wheel_carries_the_configs_and_the_plugin(installed):
     names = set(zipfile.ZipFile(installed.wheel).namelist())
     assert "pqsweep/conf/config.yaml" in names and "pqsweep/conf/__init__.py" in names
+    # a paper sweep's scale, its data sets at both scales, and the paper's values beside it
+    assert {"pqsweep/conf/scale/cpu.yaml", "pqsweep/conf/dataset/cpu/cifar10.yaml",
+            "pqsweep/conf/dataset/paper/cifar10.yaml"} <= names
+    assert any(name.endswith("alexnet_cifar10_sparsity_x_precision.paper.csv") for name in names)
     assert "hydra_plugins/pqsweep_sweeper/__init__.py" in names
     assert "hydra_plugins/__init__.py" not in names  # a namespace package: it must not shadow Hydra's plugins
     sweeps = {Path(n).name for n in names if re.fullmatch(r"pqsweep/conf/sweep/[^/]+\.yaml", n)}
@@ -155,7 +159,8 @@ def test_the_installed_app_composes_its_packaged_config(installed):
 
 
 def test_the_installed_app_composes_a_packaged_sweep_file(installed):
-    job = yaml.safe_load(installed.pqsweep("--cfg", "job", "sweep=mnist_cnn_sparsity_x_precision").stdout)
+    # resolved: a paper sweep writes its scale-dependent values as ${paper_cpu:..} (scale=cpu by default)
+    job = yaml.safe_load(installed.pqsweep("--cfg", "job", "--resolve", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_gzip_mb"],
                             "storage": None, "trial": None, "constraints": []}  # default store: optuna.journal
     assert job["dataset"]["name"] == "mnist5k" and job["pruning"]["name"] == "global_magnitude"  # its experiment

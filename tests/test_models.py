@@ -16,12 +16,12 @@ INPUT_SIZES = {"alexnet": [64], "small_cnn": [8, 28, 32]}  # alexnet needs >= 63
 
 
 @pytest.fixture
-def hub_dir(tmp_path):
-    """An empty torch hub dir for the test; the previous one is restored afterwards."""
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
-    yield tmp_path
-    torch.hub.set_dir(previous)
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub dir for the test, through $TORCH_HOME (torch.hub.get_dir() is $TORCH_HOME/hub). Not
+    torch.hub.set_dir: restoring the previous dir with it pins that dir for the rest of the process, and later tests
+    that point TORCH_HOME elsewhere were refused as if no checkpoint were there."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    yield tmp_path / "hub"
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])

@@ -44,7 +44,8 @@ def interrupted(tmp_path: Path, *args: str, sig: int, after: int = 1, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = (tmp_path / "interrupted.log").read_text()
-        finished, launched = text.count("top1 "), text.count("Launching ")
+        # ": top1 " is a run's own log line when it ends; the sweep's progress line after it reads "· top1 "
+        finished, launched = text.count(": top1 "), text.count("Launching ")
         if finished >= after and launched > finished and "evaluate:" in text.rsplit("Launching ", 1)[1]:
             break  # a trial is in flight: its baseline was loaded and it is being measured or fine-tuned
         assert process.poll() is None, text[-3000:]
