@@ -217,3 +217,16 @@ def write_data_sets(base: Path) -> Path:
     write_idx(base / "fashion_mnist" / "FashionMNIST" / "raw")
     write_image_folder(base / "imagenet")
     return base
+
+
+def grid_points(sweep: str, scale: str) -> list[list[str]]:
+    """A sweep file's grid points at `scale`, as the overrides the sweeper gives each trial."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = compose_cfg(f"sweep={sweep}", f"scale={scale}", hydra=True).hydra.sweeper.params
+    parser = OverridesParser.create()
+    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
+            for key, value in params.items()]
+    return [list(point) for point in itertools.product(*axes)]

@@ -5,17 +5,15 @@ each cell matched to one grid point, the report in the paper's layout, and its r
 
 from __future__ import annotations
 
-import itertools
 import re
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
-from nets import compose_cfg
+from nets import compose_cfg, grid_points
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -39,15 +37,6 @@ def cells(sweep: str) -> list[paper.Cell]:
     path = paper.beside(sweep)
     assert path is not None, "the paper's values ship beside the sweep file"
     return paper.load(path)
-
-
-def grid(sweep: str, scale: str) -> list[list[str]]:
-    """The sweep file's grid points as the overrides the sweeper gives each trial."""
-    params = compose_cfg(f"sweep={sweep}", f"scale={scale}", hydra=True).hydra.sweeper.params
-    parser = OverridesParser.create()
-    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
-            for key, value in params.items()]
-    return [list(point) for point in itertools.product(*axes)]
 
 
 # -- the sweep files ------------------------------------------------------------------------------------------------
@@ -75,7 +64,7 @@ def test_the_sweep_files_compose_at_both_scales(sweep, model, trainable, points,
     assert cfg.pruning.name == "l1_filter" and cfg.pruning.scope.name == "layer"
     assert cfg.measure.warmup == 20 if paper_scale else cfg.measure.warmup < 20
     assert cfg.hydra.sweeper._target_ == "pqsweep.sweeper.OptunaSweeper"
-    found = grid(sweep, scale)
+    found = grid_points(sweep, scale)
     assert len(found) == points
     for point in found:  # every trial composes as the launcher composes it; cpu scale also validates
         trial = compose_cfg(f"sweep={sweep}", f"scale={scale}", *point)
@@ -93,7 +82,7 @@ def test_every_paper_cell_is_the_grid_point_of_its_row(sweep):
                        end_time=0, lifecycle_stage="active")
         return Run(info, RunData(params=[Param(k, v) for k, v in params.items()]))
 
-    runs = {tuple(point): logged(point) for point in grid(sweep, "cpu")}
+    runs = {tuple(point): logged(point) for point in grid_points(sweep, "cpu")}
     seeds = 2 if sweep == RESNET else 1
     chosen = {}
     for cell in cells(sweep):

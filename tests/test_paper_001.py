@@ -5,15 +5,13 @@ the pruned ones, which the paper's tables print."""
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import mlflow
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
-from nets import compose_cfg
+from nets import compose_cfg, grid_points
 
 from pqsweep.config import METRICS, Order, validate
 from pqsweep.pipeline import run
@@ -34,12 +32,7 @@ def cells():
 
 
 def grid(scale: str) -> list[list[str]]:
-    """The sweep file's grid points as the overrides the sweeper gives each trial."""
-    params = compose_cfg(f"sweep={SWEEP}", f"scale={scale}", hydra=True).hydra.sweeper.params
-    parser = OverridesParser.create()
-    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
-            for key, value in params.items()]
-    return [list(point) for point in itertools.product(*axes)]
+    return grid_points(SWEEP, scale)
 
 
 @pytest.mark.parametrize("scale", ["cpu", "paper"])

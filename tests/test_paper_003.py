@@ -6,16 +6,14 @@ rows and columns. The 3-channel params and MiB sizes are tests/test_structural.p
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 
 import mlflow
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
-from nets import compose_cfg, write_data_sets
+from nets import compose_cfg, grid_points, write_data_sets
 
 from pqsweep import measure, models
 from pqsweep.config import METRICS, validate
@@ -33,15 +31,6 @@ AMOUNTS = {("mobilenet_v2", "cifar10"): 0.4, ("shufflenet_v2", "cifar10"): 0.3, 
            ("alexnet", "fashion_mnist"): 0.9}
 OVERFIT_AMOUNTS = {"mobilenet_v2": 0.2, "shufflenet_v2": 0.2, "alexnet": 0.61}
 EXPERIMENTS = [f"paper003_{m}_{d}" for m, d in AMOUNTS] + [f"paper003_{m}_fashion_mnist_overfit" for m in OVERFIT_AMOUNTS]
-
-
-def grid(sweep: str, scale: str) -> list[list[str]]:
-    """The sweep file's grid points as the overrides the sweeper gives each trial."""
-    params = compose_cfg(f"sweep={sweep}", f"scale={scale}", hydra=True).hydra.sweeper.params
-    parser = OverridesParser.create()
-    axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
-            for key, value in params.items()]
-    return [list(point) for point in itertools.product(*axes)]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +53,7 @@ def test_the_sweep_files_compose_and_every_point_validates_at_both_scales(sweep,
     assert all(METRICS[m] for m in cfg.study.objectives)
     assert cfg.hydra.sweeper._target_ == "pqsweep.sweeper.OptunaSweeper"
     assert (cfg.measure.warmup, cfg.measure.repeats) == ((20, 200) if scale == "paper" else (5, 50))
-    found = grid(sweep, scale)
+    found = grid_points(sweep, scale)
     assert len(found) == points  # one seed: three did not fit the cpu budget (the files say so)
     for point in found:  # every trial composes as the launcher composes it, and passes the pre-run check
         trial = compose_cfg(f"sweep={sweep}", f"scale={scale}", *point)
@@ -150,7 +139,7 @@ def test_every_paper_cell_is_one_grid_point(cells):
                            end_time=0, lifecycle_stage="active")
             return Run(info, RunData(params=[Param(k, v) for k, v in params.items()]))
 
-        runs = {tuple(point): logged(point) for point in grid(sweep, "cpu")}
+        runs = {tuple(point): logged(point) for point in grid_points(sweep, "cpu")}
         used = set()
         for cell in cells[sweep]:
             found = [point for point, r in runs.items() if paper.matches(r, cell.match)]
