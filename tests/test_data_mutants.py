@@ -60,3 +60,17 @@ def test_imagenet_reads_its_root_not_the_working_directory(tmp_path, monkeypatch
     monkeypatch.chdir(elsewhere)
     splits = data.imagenet(dataset_cfg("dataset=imagenet", f"dataset.root={root}", "dataset.resize=32"))
     assert splits.num_classes == 3 and splits.test.classes == ["cat", "dog", "fish"]
+
+
+def test_num_samples_equal_to_the_whole_set_leaves_the_splits_as_they_are(digits):
+    # as many as there are: nothing is cut, so the in-memory splits stay tensors the data cache can hold
+    whole = len(digits.train) + len(digits.val) + len(digits.test)
+    assert data.limited(digits, whole) is digits
+    assert data.limited(digits, whole - 1) is not digits
+
+
+def test_a_split_whose_share_rounds_to_none_keeps_one_image(digits):
+    # digits' 1293 / 144 / 360 cut to 5: shares 3.6, 0.4 and 1.0 round to 4, 0 and 1; the empty one keeps one
+    assert [len(digits.train), len(digits.val), len(digits.test)] == [1293, 144, 360]
+    cut = data.limited(digits, 5)
+    assert [len(cut.train), len(cut.val), len(cut.test)] == [4, 1, 1]
