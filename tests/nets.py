@@ -230,3 +230,8 @@ def grid_points(sweep: str, scale: str) -> list[list[str]]:
     axes = [[f"{key}={v}" for v in parser.parse_override(f"{key}={value}").sweep_string_iterator()]
             for key, value in params.items()]
     return [list(point) for point in itertools.product(*axes)]
+
+
+def experiment_ids(client) -> list[str]:
+    """Every experiment of a test's store: each study logs to one of its own (tracking.experiment: ${study.name})."""
+    return [e.experiment_id for e in client.search_experiments()]

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pqsweep.config import register, validate
 from pqsweep.preflight import check
 
-from nets import compose_cfg, options, write_cifar10, write_data_sets, write_idx, write_image_folder
+from nets import compose_cfg, experiment_ids, options, write_cifar10, write_data_sets, write_idx, write_image_folder
 
 register()  # check() composes against the schemas in Hydra's ConfigStore (pqsweep.cli registers them on import)
 
@@ -254,7 +254,7 @@ def test_an_error_at_run_time_is_one_line_and_its_traceback_is_in_the_log_and_th
     log_file = Path(error.split("the traceback is in ", 1)[1].split(" and the MLflow run", 1)[0])
     assert log_file.is_file() and "Traceback (most recent call last)" in log_file.read_text()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("pqsweep").experiment_id], "tags.stage = 'trial'")
+    (run,) = MlflowClient().search_runs(experiment_ids(MlflowClient()), "tags.stage = 'trial'")
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("ConfigError: train.trainable=")
     text = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="error.txt")).read_text()
     assert "Traceback (most recent call last)" in text and "nope names no parameter" in text

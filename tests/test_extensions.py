@@ -19,6 +19,7 @@ import pytest
 
 from pqsweep.config import register
 from pqsweep.preflight import check
+from nets import experiment_ids
 
 REPO = Path(__file__).resolve().parents[1]
 register()  # check() composes against the schemas in Hydra's ConfigStore (pqsweep.cli registers them on import)
@@ -241,9 +242,9 @@ def test_their_model_data_and_pruner_run_end_to_end(own, tmp_path, how, amount):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/out/mlflow.db")
-    experiment = client.get_experiment_by_name("pqsweep")
-    (trial,) = client.search_runs([experiment.experiment_id], "tags.stage = 'trial'")
-    (baseline,) = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
+    experiments = experiment_ids(client)
+    (trial,) = client.search_runs(experiments, "tags.stage = 'trial'")
+    (baseline,) = client.search_runs(experiments, "tags.stage = 'baseline'")
     assert trial.info.status == "FINISHED" and baseline.info.status == "FINISHED"
     params, metrics = trial.data.params, trial.data.metrics
     assert (params["model"], params["dataset"], params["pruning"]) == ("tiny_mlp", "quadrants", "nm_sparse")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nets import experiment_ids
 
 pytestmark = pytest.mark.slow
 
@@ -185,9 +186,9 @@ def test_the_installed_app_runs_and_logs_a_finished_run(installed):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    experiment = client.get_experiment_by_name("pqsweep")
-    (trial,) = client.search_runs([experiment.experiment_id], "tags.stage = 'trial'")
-    (baseline,) = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
+    experiments = experiment_ids(client)
+    (trial,) = client.search_runs(experiments, "tags.stage = 'trial'")
+    (baseline,) = client.search_runs(experiments, "tags.stage = 'baseline'")
     assert trial.info.status == "FINISHED" and baseline.info.status == "FINISHED"
     assert trial.data.params["model"] == "cnn" and trial.data.params["dataset"] == "digits"
     assert trial.data.params["train.epochs"] == "0"

@@ -12,7 +12,7 @@ import pytest
 from hydra.utils import get_method
 from mlflow.tracking import MlflowClient
 
-from nets import compose_cfg, options
+from nets import compose_cfg, experiment_ids, options
 
 # The launcher plugin each option builds on; hydra-submitit-launcher is in the test extra, Ray's is not (its own
 # extra, `pqsweep[ray]`: ray is a large install CI has no use for).
@@ -50,9 +50,9 @@ def test_multirun_through_submitit_runs_each_trial_as_a_job_and_records_it(tmp_p
     assert len(results) == 2 and len({r.parent.name for r in results}) == 2
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("pqsweep")
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
-    trials = client.search_runs([experiment.experiment_id], "tags.stage = 'trial'")
+    experiments = experiment_ids(client)
+    (parent,) = client.search_runs(experiments, "tags.stage = 'sweep'")
+    trials = client.search_runs(experiments, "tags.stage = 'trial'")
     assert sorted((t.data.params["pruning.amount"], t.info.status) for t in trials) == [
         ("0.0", "FINISHED"), ("0.5", "FINISHED")
     ]

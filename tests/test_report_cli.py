@@ -132,13 +132,20 @@ def test_the_baseline_line_is_the_trials_own_baseline(client, capsys):
 
 def test_a_store_without_the_experiment_or_the_sweep_says_so(client):
     client, uri = client
-    with pytest.raises(SystemExit, match=r"^pqsweep-report: no experiment 'pqsweep' at sqlite:///"):
+    with pytest.raises(SystemExit, match=r"^pqsweep-report: no sweep 'grid' at sqlite:///.*; sweeps there: none$"):
         table.main(["grid", "--uri", uri])
+    with pytest.raises(SystemExit, match=r"^pqsweep-report: no experiment 'mine' at sqlite:///"):
+        table.main(["grid", "--uri", uri, "--experiment", "mine"])
     experiment = client.create_experiment("mine")
     log_sweep(client, experiment, "grid", [point("0.0", "none", "32")])
+    log_sweep(client, client.create_experiment("other"), "elsewhere", [point("0.0", "none", "32")])
     with pytest.raises(SystemExit, match=r"^pqsweep-report: no sweep 'nope' in experiment 'mine' at sqlite:///"):
         table.main(["nope", "--uri", uri, "--experiment", "mine"])
     table.main(["grid", "--uri", uri, "--experiment", "mine"])  # found where --experiment says
+    table.main(["elsewhere", "--uri", uri])  # and, without it, in whichever experiment holds it (each study its own)
+    with pytest.raises(SystemExit, match=r"^pqsweep-report: no sweep 'elsewhere' in experiment 'mine' at .*"
+                                         r"sweeps there: grid$"):
+        table.main(["elsewhere", "--uri", uri, "--experiment", "mine"])
 
 
 def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
 from pqsweep.reports import table
+from nets import experiment_ids
 
 # (name, pruning, quantization, status, top1, size_mb). Objectives top1 (max), size_mb (min).
 RUNS = [
@@ -140,7 +141,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
     best = {t.number for t in optuna.load_study(study_name="gm", storage=storage).best_trials}
     client = MlflowClient()
-    trials = client.search_runs([client.get_experiment_by_name("pqsweep").experiment_id],
+    trials = client.search_runs(experiment_ids(client),
                                 "tags.optuna_study = 'gm' and tags.stage = 'trial'")
     assert len(trials) == 6
     assert {int(r.data.tags["optuna_trial_number"]) for r in trials if r.data.tags["pareto"] == "true"} == best
@@ -149,7 +150,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     assert "report/top1_vs_size_gzip_mb.png" in logged and "report/optuna-gm" in logged
 
     table.main(["layers", "--uri", uri, "--out", str(tmp_path / "layers"), "--no-plots"])
-    layers = client.search_runs([client.get_experiment_by_name("pqsweep").experiment_id],
+    layers = client.search_runs(experiment_ids(client),
                                 "tags.optuna_study = 'layers' and tags.stage = 'trial'")
     (failed,) = [r for r in layers if r.info.status == "FAILED"]
     assert failed.data.tags["pareto"] == "false"

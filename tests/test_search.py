@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from nets import compose_cfg
+from nets import compose_cfg, experiment_ids
 
 TINY = ["dataset=digits", "train.epochs=1", "train.finetune_epochs=1", "measure.warmup=1", "measure.repeats=2",
         "measure.top5=false"]
@@ -41,8 +41,8 @@ def study(tmp_path: Path, name: str) -> optuna.Study:
 def trial_runs(tmp_path: Path) -> dict[int, mlflow.entities.Run]:
     """The FINISHED trial runs by their Optuna trial number."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = mlflow.get_experiment_by_name("pqsweep")
-    runs = MlflowClient().search_runs([experiment.experiment_id], "tags.stage = 'trial'", max_results=1000)
+    experiments = experiment_ids(MlflowClient())
+    runs = MlflowClient().search_runs(experiments, "tags.stage = 'trial'", max_results=1000)
     return {int(r.data.tags["optuna_trial_number"]): r for r in runs if r.info.status == "FINISHED"}
 
 

@@ -105,7 +105,9 @@ def test_a_new_experiment_opens_in_the_ui_as_training_runs_not_genai(make_cfg, t
     cfg = make_cfg()
     experiment_id = tracking.setup(cfg)
     tags = MlflowClient().get_experiment(experiment_id).tags
-    assert tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: the runs table, not traces
+    # the runs-table kind, for the MLflow UIs that read it (3.17's own takes the view from its global switch: test_ui)
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.sharedViewState.pqsweep" in tags  # the view its link opens (test_tracking)
 
 
 @pytest.mark.parametrize("overrides, name", [

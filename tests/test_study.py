@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from nets import experiment_ids
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +62,8 @@ def study(tmp_path: Path, name: str = GRID_NAME) -> optuna.Study:
 
 def runs(tmp_path: Path, stage: str) -> list:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = mlflow.get_experiment_by_name("pqsweep")
-    return MlflowClient().search_runs([experiment.experiment_id], f"tags.stage = '{stage}'", max_results=1000)
+    experiments = experiment_ids(MlflowClient())
+    return MlflowClient().search_runs(experiments, f"tags.stage = '{stage}'", max_results=1000)
 
 
 def point(trial) -> tuple:

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from nets import experiment_ids
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +27,11 @@ def pqsweep(tmp_path, *args: str, rc: int = 0) -> subprocess.CompletedProcess:
 
 def sweep_runs(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = mlflow.get_experiment_by_name("pqsweep")
+    experiments = experiment_ids(MlflowClient())
     client = MlflowClient()
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    baselines = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")
+    (parent,) = client.search_runs(experiments, "tags.stage = 'sweep'")
+    children = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    baselines = client.search_runs(experiments, "tags.stage = 'baseline'")
     return parent, children, baselines
 
 

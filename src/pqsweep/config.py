@@ -411,8 +411,13 @@ def mlflow_store(uri: str) -> bool:
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # relative sqlite paths resolve against the launch directory
-    experiment: str = "pqsweep"
+    # One MLflow experiment per study (as Optuna keeps one study per name): a sweep's charts and columns hold its
+    # own trials, not a sensitivity scan's per-layer curves or single runs (study `adhoc`).
+    experiment: str = "${study.name}"
     run_id: Optional[str] = None  # set by the sweeper: the MLflow run it created for this trial
+    # Log the compressed model as an MLflow model (signature, input example): it fills the UI's Models column and
+    # can be registered. Off by default: a sweep's trials each write a copy of their model.
+    log_model: bool = False
 
     def checks(self) -> list[Check]:
         return [Check("uri", self.uri, mlflow_store(self.uri), MLFLOW_URIS),

@@ -117,9 +117,15 @@ def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
     return run
 
 
+def traced(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The model as TorchScript, the format that holds every kind here (see the module doc)."""
+    with torch.no_grad(), _quiet():
+        return torch.jit.trace(_writable(model), example.detach().cpu().float())
+
+
 def _torchscript(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
     path = directory / "model.pt"
-    torch.jit.save(torch.jit.trace(_writable(model), example), str(path))
+    torch.jit.save(traced(model, example), str(path))
     loaded = torch.jit.load(str(path))
 
     def run(batch: torch.Tensor) -> torch.Tensor | None:

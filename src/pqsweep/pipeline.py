@@ -1,6 +1,7 @@
 """One run: load data -> build model -> baseline (trained or cached) -> prune -> fine-tune -> quantize -> measure.
 
-`run(cfg)` returns the trial's metrics (numbers only, never models); `cli.py` logs them to MLflow.
+`run(cfg)` returns the trial's metrics and what its data were (numbers only; the deployed model too where
+`tracking.log_model` asks for it); `pqsweep.tracking` logs them to MLflow.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class RunResult:
     baseline: Baseline
     baseline_metrics: dict[str, float]
     stages_cached: dict[str, bool] = field(default_factory=dict)  # {"prune": True, ...}: loaded, computed nothing
+    data: dict[str, int] = field(default_factory=dict)  # split sizes and image shape (describe_data)
+    model: nn.Module | None = None  # the model as deployed, kept only where tracking.log_model asks for it
+    example: torch.Tensor | None = None  # one test input, beside `model`
+
+
+def describe_data(splits: DataSplits) -> dict[str, int]:
+    """What the run's data were, as the tracking logs each split: its size, the classes and the image shape."""
+    return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+            "num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
 
 
 def load_splits(cfg: DictConfig) -> DataSplits:
@@ -222,4 +232,6 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["reduction_factor_gzip"] = baseline_metrics["size_gzip_mb"] / metrics["size_gzip_mb"]
     metrics["baseline_top1"] = baseline_metrics["top1"]
     stages = {"baseline_metrics": measured_cached} | ({} if prune_cached is None else {"prune": prune_cached})
-    return RunResult(metrics, base, baseline_metrics, stages)
+    kept = cfg.tracking.log_model
+    return RunResult(metrics, base, baseline_metrics, stages, describe_data(splits),
+                     deployed if kept else None, example if kept else None)

@@ -149,6 +149,7 @@ class StudyRun:
             self.study.set_user_attr(studies.SPACE_ATTR, space)
             self.study.set_metric_names(self.objectives)  # what optuna-dashboard and load_study show
         self.parent = self.open_parent()
+        tracking.share_view(self.experiment_id, self.objectives, tuple(self.space))  # the runs table it opens with
         self.study.set_user_attr(studies.READY_ATTR, True)
         self.points = studies.grid_points(self.choices) if self.grid else []
         self.ended: list[tuple[Any, str, str]] = []  # (trial number, state, reason) of this run's trials
@@ -581,6 +582,7 @@ class StudyRun:
                  self.name, finished, len(failed), len(killed), self.plan())
         for number, status, reason in failed + killed:
             log.info("  trial %d %s: %s", number, status, reason)
+        log.info("study %s in MLflow: %s", self.name, self.tracking.ui_link(self.experiment_id))
         self.tracking.set_tags(self.parent, {"trials_finished": str(finished), "trials_failed": str(len(failed)),
                                              "trials_killed": str(len(killed))})
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -25,12 +27,22 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "PQSWEEP_PARENT_RUN_ID"
 GROUPS = ("model", "dataset", "pruning", "quantization")
+# What shapes a trial, and so its params: the sweep's keys all lie in these. Where the run is stored and cached
+# (tracking.*, cache.*, study.storage) and the sensitivity scan's settings say nothing of the trial: they go in tags
+# or stay out.
+TRIAL_GROUPS = (*GROUPS, "train", "measure", "export", "device", "scale")
 
 
 resolve_uri = absolute_uri  # sqlite:///relative.db -> absolute, so every process of a sweep writes one store
 
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+# The runs table a study opens with: MLflow's own shared view (the experiment tag mlflow.sharedViewState.<key>, what
+# its Share button writes), opened by ui_link. MLflow 3.17 shows only Source, Models and Dataset until columns are
+# chosen by hand, and keeps that choice in the browser; a shared view holds it for everyone.
+VIEW_KEY = "pqsweep"
+VIEW_METRICS = ("top1", "top1_delta", "size_mb", "size_sparse_mb", "latency_ms_p50")
 
 
 def setup(cfg: DictConfig) -> str:
@@ -47,19 +59,44 @@ def setup(cfg: DictConfig) -> str:
         if uri.startswith("sqlite:///"):
             location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
         try:
-            # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); this one holds
-            # training runs, so it opens in the runs table
-            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+            # the kind of experiment for the MLflow UIs that read it (training runs, not GenAI traces; 3.17's UI takes
+            # it from a global switch instead, which ui_link's address sets)
+            created = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+            share_view(created, list(cfg.study.objectives))  # a sweep widens it with its swept keys
         except mlflow.exceptions.MlflowException:
             pass  # another process of the same sweep created it first
     return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
 
 
-def flat_params(cfg: DictConfig, groups: tuple[str, ...] | None = None) -> dict[str, str]:
-    """The resolved config as dot keys, plus each group's chosen option under the group's own name."""
+def share_view(experiment_id: str, objectives: list[str] | tuple[str, ...] = (), swept: tuple[str, ...] = ()) -> None:
+    """Write the study's view: the objectives and top-1, size and latency first, then the swept params, the data set
+    and the logged model."""
+    metrics = list(dict.fromkeys([*VIEW_METRICS[:1], *objectives, *VIEW_METRICS[1:]]))
+    columns = ([f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in swept]
+               + ["attributes.`Dataset`", "attributes.`Models`"])
+    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+             "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+             "selectedColumns": columns}
+    MlflowClient().set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+
+
+def ui_link(experiment_id: str, run_id: str | None = None) -> str:
+    """Where to look in the MLflow UI: the study's runs in its view, or one run. The model-training view is asked for
+    in the link: MLflow 3.17 opens every experiment in its GenAI view (its switch is global, kept by the browser,
+    and no longer reads the experiment's mlflow.experimentKind tag)."""
+    view = "workflowType=machine_learning"
+    page = f"runs/{run_id}?{view}" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&{view}"
+    path = f"#/experiments/{experiment_id}/{page}"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"run `mlflow ui --backend-store-uri {uri}` and open http://127.0.0.1:5000/{path}"
+
+
+def flat_params(cfg: DictConfig, groups: tuple[str, ...] = TRIAL_GROUPS) -> dict[str, str]:
+    """The resolved config of `groups` as dot keys, plus each group's chosen option under the group's own name."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if groups is not None:
-        container = {k: v for k, v in container.items() if k in groups}
+    container = {k: v for k, v in container.items() if k in groups}
     flat: dict[str, str] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -224,26 +261,30 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
     from pqsweep.cache import BaselineCache, baseline_key
     from pqsweep.pipeline import run
 
-    setup(cfg)
+    experiment_id = setup(cfg)
     key = baseline_key(cfg)
     tags = {"stage": "trial", "baseline_hash": key}
     if cfg.tracking.run_id is None:  # else the sweeper created the run with its study's name and trial number
         tags["sweep"] = cfg.study.name
         if trial_number is not None:
             tags["trial_number"] = trial_number
+    tags["cache_dir"] = str(Path(cfg.cache.dir).absolute())
     name = run_name(cfg)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with task_run(name, tags, run_id=cfg.tracking.run_id) as active:
         run_id = active.info.run_id
-        log_batch(MlflowClient(), run_id, params=flat_params(cfg))
+        log_batch(MlflowClient(), run_id, params=flat_params(cfg) | chosen_experiment())
         mlflow.log_text(config_yaml, "config.yaml")
         with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
             result = run(cfg, artifact_dir=exported)
             if any(Path(exported).iterdir()):
                 mlflow.log_artifacts(exported, "model")
+        mlflow.log_inputs(**split_inputs(cfg, result.data))
         mlflow.set_tags({"baseline_cached": str(result.baseline.cached).lower()} |
                         {f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()})
         mlflow.log_metrics(result.metrics)
+        if result.model is not None:
+            log_model(result.model, result.example, name)
     with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
         log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)
     m = result.metrics
@@ -251,7 +292,86 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
         "run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
         run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"],
     )
+    if cfg.tracking.run_id is None and PARENT_ENV not in os.environ:  # a sweep's own line says where its trials are
+        log.info("in MLflow: %s", ui_link(experiment_id, run_id))
     return result.metrics
+
+
+def log_model(model, example, run_name: str) -> None:
+    """The compressed model as an MLflow model (mlflow.pytorch), with the signature and input example of one test
+    image: what the UI's Models column shows and "Register model" takes. It is stored as TorchScript, the one format
+    that holds every kind here (pqsweep.export); MLflow's default, torch.export, cannot trace torch.ao's int8
+    modules, and a pickled torch.ao FX graph does not load back. mlflow.pyfunc.load_model runs it without pqsweep
+    (a pt2e graph needs `import torch.ao.quantization.fx._decomposed` first)."""
+    from importlib.metadata import version
+
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    from pqsweep.export import traced
+
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.float().numpy())
+    # "pickle" is the format mlflow.pytorch names TorchScript with (it saves a ScriptModule by torch.jit.save); its
+    # warning about unpickling arbitrary code is about pickled modules, so it is silenced here
+    pickle_warning = logging.getLogger("mlflow.pytorch")
+    level = pickle_warning.level
+    pickle_warning.setLevel(logging.ERROR)
+    try:
+        mlflow.pytorch.log_model(traced(model, example), name="compressed_model", signature=signature,
+                                 input_example=example.numpy(), pip_requirements=[f"torch=={version('torch')}"],
+                                 serialization_format="pickle", tags={"run_name": run_name})
+    finally:
+        pickle_warning.setLevel(level)
+
+
+def chosen_experiment() -> dict[str, str]:
+    """`experiment`: the conf/experiment option the run composed (seed 003's sweeps grid over it), as a param."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choice = HydraConfig.get().runtime.choices.get("experiment")
+    return {} if choice in (None, "null") else {"experiment": str(choice)}
+
+
+def split_inputs(cfg: DictConfig, data: dict[str, int]) -> dict[str, list]:
+    """The run's data set as MLflow inputs, one per split (context train / val / test): its name, a digest of what
+    builds it (pqsweep.cache.data_key: the whole dataset config), its source, and the split's size and image shape as
+    the profile. MLflow's Dataset column and the run page show them. Keyword arguments of mlflow.log_inputs."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+    import numpy as np
+
+    from pqsweep.cache import data_key
+
+    class Split(MetaDataset):
+        def __init__(self, profile: dict, **kwargs):
+            self._profile = profile
+            super().__init__(**kwargs)
+
+        @property
+        def profile(self) -> dict:
+            return self._profile
+
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self._profile),
+                                        "schema": json.dumps({"mlflow_tensorspec": self.schema.to_dict()})}
+
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    source = CodeDatasetSource({"builder": str(node.get("_target_")), "root": str(node.get("root", ""))})
+    side, channels = data["image_size"], data["in_channels"]
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, channels, side, side), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
+    key, splits = data_key(cfg), ("train", "val", "test")
+    datasets = [Split({"num_rows": data[split], "num_classes": data["num_classes"], "image_shape": [channels, side, side]},
+                      source=source, name=str(cfg.dataset.name), schema=schema,
+                      digest=hashlib.sha256(f"{key}:{split}".encode()).hexdigest()[:12])
+                for split in splits]
+    return {"datasets": datasets, "contexts": list(splits), "tags_list": [None] * len(splits)}
 
 
 # Short forms of the options for run names, which the MLflow UI cuts at about 20 characters

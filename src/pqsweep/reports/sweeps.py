@@ -50,21 +50,24 @@ class Sweep:
         return list(dict.fromkeys(keys))
 
 
-def experiment_id(client: MlflowClient, experiment: str) -> str:
+def experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    """The experiment named `experiment`; None: every one in the store (each study keeps its own, named after it)."""
+    if experiment is None:
+        return [e.experiment_id for e in client.search_experiments(max_results=50000)]
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"pqsweep-report: no experiment {experiment!r} at {mlflow.get_tracking_uri()}")
-    return found.experiment_id
+    return [found.experiment_id]
 
 
-def parents(client: MlflowClient, experiment: str, name: str | None = None) -> list[Run]:
+def parents(client: MlflowClient, experiment: str | None, name: str | None = None) -> list[Run]:
     """Parent runs, newest first; of the sweep `name` only, when given."""
     query = "tags.stage = 'sweep'" + (f" and tags.sweep = '{name}'" if name else "")
-    return client.search_runs([experiment_id(client, experiment)], query, order_by=["attributes.start_time DESC"],
+    return client.search_runs(experiment_ids(client, experiment), query, order_by=["attributes.start_time DESC"],
                               max_results=50000)
 
 
-def load(client: MlflowClient, experiment: str, name: str | None = None, run_id: str | None = None) -> Sweep:
+def load(client: MlflowClient, experiment: str | None, name: str | None = None, run_id: str | None = None) -> Sweep:
     """The sweep called `name` (its newest parent run) or the one whose parent run is `run_id`."""
     if run_id is not None:
         try:
@@ -79,8 +82,9 @@ def load(client: MlflowClient, experiment: str, name: str | None = None, run_id:
         runs = parents(client, experiment, name)
         if not runs:
             known = sorted({r.data.tags.get("sweep", "?") for r in parents(client, experiment)})
-            raise SystemExit(f"pqsweep-report: no sweep {name!r} in experiment {experiment!r} at "
-                             f"{mlflow.get_tracking_uri()}; sweeps there: {', '.join(known) or 'none'}")
+            where = f"in experiment {experiment!r} " if experiment else ""
+            raise SystemExit(f"pqsweep-report: no sweep {name!r} {where}at {mlflow.get_tracking_uri()}; sweeps there: "
+                             f"{', '.join(known) or 'none'}")
         found, others = runs[0], [r.info.run_id for r in runs[1:]]
     trials = client.search_runs([found.info.experiment_id], f"tags.mlflow.parentRunId = '{found.info.run_id}'",
                                 max_results=50000)
@@ -104,7 +108,7 @@ def metric(run: Run, name: str) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def listing(client: MlflowClient, experiment: str) -> list[list[str]]:
+def listing(client: MlflowClient, experiment: str | None) -> list[list[str]]:
     """One row per parent run: the sweep's name, its run, status, trials by status, sampler, start."""
     import datetime
 

@@ -290,7 +290,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run", action="append", default=[], metavar="ID", help="a sweep by its parent run id")
     parser.add_argument("--list", action="store_true", help="list the sweeps in the store and stop")
     parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking URI (default: %(default)s)")
-    parser.add_argument("--experiment", default="pqsweep", help="MLflow experiment (default: %(default)s)")
+    parser.add_argument("--experiment", help="only this MLflow experiment (default: all; each study keeps its own)")
     parser.add_argument("--objectives", help="the front's objectives, e.g. top1:max,size_gzip_mb:min,latency_ms_p50:min "
                         "(default: the sweep's own study.objectives)")
     parser.add_argument("--columns", help="the table's columns, comma-separated: metrics, params, status, front")
