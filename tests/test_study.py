@@ -34,7 +34,7 @@ def command(tmp_path: Path, *args: str) -> list[str]:
 
 def sweep(tmp_path: Path, *args: str, rc: int = 0) -> str:
     done = subprocess.run(command(tmp_path, *args), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == rc, done.stderr[-3000:]
+    assert done.returncode == rc, (done.stdout + done.stderr)[-3000:]
     return done.stdout + done.stderr
 
 
@@ -264,3 +264,19 @@ def test_four_runs_started_at_once_on_a_fresh_store_are_all_recorded(tmp_path):
     assert [run.returncode for run in runs_at_once] == [0, 0, 0, 0], [err[-2000:] for _, err in outputs]
     assert not [err for _, err in outputs if "alembic" in err or "duplicate column" in err]
     assert sorted(r.info.status for r in runs(tmp_path, "trial")) == ["FINISHED"] * 4
+
+
+def test_a_study_begun_in_another_experiment_resumes_there_with_its_baseline(tmp_path):
+    """A store of before one experiment per study kept every study in `pqsweep`: resumed, the study's new trials and
+    its baseline join its parent there, so its report and the UI find one study in one experiment."""
+    grid = ["pruning=global_magnitude", "pruning.amount=0,0.5,0.7", "quantization=none", "train.finetune_epochs=4"]
+    assert interrupted(tmp_path, *grid, "tracking.experiment=pqsweep", sig=signal.SIGKILL) == -signal.SIGKILL
+    sweep(tmp_path, *grid)  # as now: tracking.experiment is the study's name
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    home = client.get_experiment_by_name("pqsweep").experiment_id
+    (parent,) = client.search_runs([home], "tags.stage = 'sweep'")
+    trials = client.search_runs([home], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(t.data.params["pruning.amount"] for t in trials if t.info.status == "FINISHED") == ["0.0", "0.5", "0.7"]
+    assert len(client.search_runs([home], "tags.stage = 'baseline'")) == 1
+    elsewhere = [e for e in experiment_ids(client) if e != home]
+    assert client.search_runs(elsewhere, "") == []  # nothing of the study landed in an experiment of its name

@@ -273,8 +273,10 @@ class StudyRun:
 
     def open_parent(self) -> str:
         parent = self.study.user_attrs.get(self.studies.PARENT_ATTR)
-        if parent and self.tracking.resume_run(parent):
+        held = self.tracking.resume_run(parent) if parent else None
+        if held:
             log.info("study %s: resuming under MLflow parent run %s", self.name, parent)
+            self.experiment_id = held  # its trials beside it, also where a store of before kept it elsewhere
             return parent
         params = {f"sweeper.{k}": str(v) for k, v in (self.impl.params or {}).items()}
         params.update({f"space.{k}": str(v) for k, v in self.space.items()})

@@ -131,7 +131,10 @@ def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None) -> 
     sweep's parent run when there is one. An exception inside is recorded as the run's `error` tag (start_run marks
     it FAILED); Ctrl-C and SIGTERM mark it KILLED, not a failure."""
     if run_id is not None:
-        MlflowClient().update_run(run_id, name=run_name)
+        client = MlflowClient()
+        client.update_run(run_id, name=run_name)
+        # its own experiment: a study resumed from a store of before one experiment per study keeps its first one
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
         start = functools.partial(mlflow.start_run, run_id=run_id)
     else:
         start = functools.partial(mlflow.start_run, run_name=run_name, parent_run_id=os.environ.get(PARENT_ENV))
@@ -157,15 +160,16 @@ def create_parent(experiment_id: str, name: str, params: dict[str, str], tags: d
     return run.info.run_id
 
 
-def resume_run(run_id: str) -> bool:
-    """Mark an existing run RUNNING again (a resumed study's parent); False when the store does not hold it."""
+def resume_run(run_id: str) -> str | None:
+    """Mark an existing run RUNNING again (a resumed study's parent); returns the experiment that holds it, None when
+    the store does not hold it."""
     client = MlflowClient()
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        return False
+        return None
     client.update_run(run_id, status="RUNNING")
-    return True
+    return run.info.experiment_id
 
 
 def create_trial_run(experiment_id: str, parent_id: str, name: str, tags: dict[str, str]) -> str:
@@ -232,13 +236,13 @@ def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str
     return runs[0].info.run_id if runs else None
 
 
-def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: list[float], config_yaml: str) -> str:
-    """Log the baseline once per tracking store (also when it came from the cache); returns its run id.
+def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: list[float], config_yaml: str,
+                 experiment_id: str) -> str:
+    """Log the baseline once per experiment (also when it came from the cache); returns its run id.
 
     `history` is the mean training loss per epoch, logged as the `train_loss` series.
     """
     client = MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
     existing = find_baseline_run(client, experiment_id, key)
     if existing:
         return existing
@@ -286,7 +290,9 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
         if result.model is not None:
             log_model(result.model, result.example, name)
     with BaselineCache(cfg.cache.dir).lock(key):  # parallel trials of one sweep log the baseline once
-        log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml)
+        # beside the trial: a study resumed from a store of before one experiment per study keeps its first one
+        log_baseline(cfg, key, result.baseline_metrics, result.baseline.history, config_yaml,
+                     active.info.experiment_id)
     m = result.metrics
     log.info(
         "run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
