@@ -66,6 +66,7 @@ def test_params_are_what_shapes_the_trial_resolved_and_the_store_is_a_tag(make_c
     assert run.data.tags["cache_dir"] == str(tmp_path / "cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["none", "static_int8"])
 def test_log_model_logs_the_deployed_model_that_reproduces_the_trials_top1(make_cfg, quantization):
     cfg = make_cfg("train.epochs=1", "pruning=global_magnitude", "pruning.amount=0.5", f"quantization={quantization}",
