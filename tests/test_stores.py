@@ -108,6 +108,7 @@ def test_a_new_experiment_opens_in_the_ui_as_training_runs_not_genai(make_cfg, t
     # the runs-table kind, for the MLflow UIs that read it (3.17's own takes the view from its global switch: test_ui)
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert "mlflow.sharedViewState.pqsweep" in tags  # the view its link opens (test_tracking)
+    assert "click Model training" in tags["mlflow.note.content"]  # the experiments page's Description column
 
 
 @pytest.mark.parametrize("overrides, name", [

@@ -74,6 +74,7 @@ def test_a_new_user_sees_the_study_its_nested_trials_their_metrics_data_and_mode
 
         page.goto(f"{server}/#/experiments")
         page.get_by_role("link", name=STUDY).wait_for(timeout=60_000)  # the study is an experiment of its own
+        assert "click Model training" in page.inner_text("body")  # its description says how to see its runs
         page.screenshot(path=shots / "1-experiments.png")
 
         page.goto(f"{server}/{page_path}")

@@ -61,11 +61,20 @@ def setup(cfg: DictConfig) -> str:
         try:
             # the kind of experiment for the MLflow UIs that read it (training runs, not GenAI traces; 3.17's UI takes
             # it from a global switch instead, which ui_link's address sets)
-            created = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+            created = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                               tags=EXPERIMENT_TAGS | {"mlflow.note.content": description(cfg)})
             share_view(created, list(cfg.study.objectives))  # a sweep widens it with its swept keys
         except mlflow.exceptions.MlflowException:
             pass  # another process of the same sweep created it first
     return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+
+
+def description(cfg: DictConfig) -> str:
+    """The experiment's description, the experiments page's first words about it."""
+    name = cfg.tracking.experiment
+    return (f"Runs: click Model training (top left) once. The pqsweep study {name}: its trials are nested under "
+            f"the run sweep-{name} (+ unfolds them); the link the sweep printed opens its columns, and "
+            f"`pqsweep-report {name}` prints its table.")
 
 
 def share_view(experiment_id: str, objectives: list[str] | tuple[str, ...] = (), swept: tuple[str, ...] = ()) -> None:
