@@ -134,3 +134,31 @@ def test_the_experiment_option_a_run_composed_is_a_param(monkeypatch):
     assert tracking.chosen_experiment() == {"experiment": "paper003_alexnet_cifar10"}
     HydraConfig.instance().set_config(compose_cfg(hydra=True))
     assert tracking.chosen_experiment() == {}
+
+
+def test_trials_logging_one_data_set_at_once_all_record_it(make_cfg):
+    """Parallel trials log the same splits. MLflow's SQL store looks for a data set before it inserts it, so of four
+    runs started at once one failed on the unique key (seen in CI); eight released together all record them."""
+    import threading
+
+    cfg = make_cfg()
+    experiment = tracking.setup(cfg)
+    data = {"train": 1293, "val": 144, "test": 360, "num_classes": 10, "in_channels": 1, "image_size": 8}
+    client, release, errors = MlflowClient(), threading.Barrier(8), []
+    runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+
+    def log(run_id: str) -> None:
+        try:
+            with mlflow.start_run(run_id=run_id):
+                release.wait()
+                tracking.log_inputs(cfg, data)
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=log, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(len(client.get_run(run_id).inputs.dataset_inputs) == 3 for run_id in runs)

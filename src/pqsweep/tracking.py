@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,7 +293,7 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
             result = run(cfg, artifact_dir=exported)
             if any(Path(exported).iterdir()):
                 mlflow.log_artifacts(exported, "model")
-        mlflow.log_inputs(**split_inputs(cfg, result.data))
+        log_inputs(cfg, result.data)
         mlflow.set_tags({"baseline_cached": str(result.baseline.cached).lower()} |
                         {f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()})
         mlflow.log_metrics(result.metrics)
@@ -350,6 +351,20 @@ def chosen_experiment() -> dict[str, str]:
         return {}
     choice = HydraConfig.get().runtime.choices.get("experiment")
     return {} if choice in (None, "null") else {"experiment": str(choice)}
+
+
+def log_inputs(cfg: DictConfig, data: dict[str, int], attempts: int = 5) -> None:
+    """Log the run's splits (split_inputs) to the active run. Parallel trials log the same data set, and MLflow's SQL
+    store looks for it before it inserts it, so two at once may both insert it and one fail on the table's unique
+    key (seen with four runs started at once); the transaction is rolled back, and a retry finds the other's row."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_inputs(**split_inputs(cfg, data))
+            return
+        except mlflow.exceptions.MlflowException as error:
+            if "unique" not in str(error).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def split_inputs(cfg: DictConfig, data: dict[str, int]) -> dict[str, list]:
