@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import mlflow
 from hydra.experimental.callback import Callback
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
@@ -367,29 +368,31 @@ def log_inputs(cfg: DictConfig, data: dict[str, int], attempts: int = 5) -> None
             time.sleep(0.05 * (attempt + 1))
 
 
+class SplitDataset(MetaDataset):
+    """A split as an MLflow data set: its metadata (MetaDataset) with a profile, and a tensor schema."""
+
+    def __init__(self, profile: dict, **kwargs):
+        self._profile = profile
+        super().__init__(**kwargs)
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return super().to_dict() | {"profile": json.dumps(self._profile),
+                                    "schema": json.dumps({"mlflow_tensorspec": self.schema.to_dict()})}
+
+
 def split_inputs(cfg: DictConfig, data: dict[str, int]) -> dict[str, list]:
     """The run's data set as MLflow inputs, one per split (context train / val / test): its name, a digest of what
     builds it (pqsweep.cache.data_key: the whole dataset config), its source, and the split's size and image shape as
     the profile. MLflow's Dataset column and the run page show them. Keyword arguments of mlflow.log_inputs."""
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.types import Schema, TensorSpec
     import numpy as np
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.types import Schema, TensorSpec
 
     from pqsweep.cache import data_key
-
-    class Split(MetaDataset):
-        def __init__(self, profile: dict, **kwargs):
-            self._profile = profile
-            super().__init__(**kwargs)
-
-        @property
-        def profile(self) -> dict:
-            return self._profile
-
-        def to_dict(self) -> dict[str, str]:
-            return super().to_dict() | {"profile": json.dumps(self._profile),
-                                        "schema": json.dumps({"mlflow_tensorspec": self.schema.to_dict()})}
 
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     source = CodeDatasetSource({"builder": str(node.get("_target_")), "root": str(node.get("root", ""))})
@@ -397,9 +400,9 @@ def split_inputs(cfg: DictConfig, data: dict[str, int]) -> dict[str, list]:
     schema = Schema([TensorSpec(np.dtype(np.float32), (-1, channels, side, side), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "label")])
     key, splits = data_key(cfg), ("train", "val", "test")
-    datasets = [Split({"num_rows": data[split], "num_classes": data["num_classes"], "image_shape": [channels, side, side]},
-                      source=source, name=str(cfg.dataset.name), schema=schema,
-                      digest=hashlib.sha256(f"{key}:{split}".encode()).hexdigest()[:12])
+    profile = {"num_classes": data["num_classes"], "image_shape": [channels, side, side]}
+    datasets = [SplitDataset({"num_rows": data[split], **profile}, source=source, name=str(cfg.dataset.name),
+                             schema=schema, digest=hashlib.sha256(f"{key}:{split}".encode()).hexdigest()[:12])
                 for split in splits]
     return {"datasets": datasets, "contexts": list(splits), "tags_list": [None] * len(splits)}
 
