@@ -105,6 +105,8 @@ def test_model_builds_and_runs_a_forward_pass(model, dataset):
 # `stored_weights` fact in a file fails this test: these three change float weights (fine-tuning between rounds,
 # removing filters), which a quantized model does not have.
 FLOAT_ONLY_PRUNING = {"iterative", "l1_filter", "structured_unstructured"}
+# and this one stores the zeros pruning made (CSR), so it cannot come before the pruning
+AFTER_PRUNING_ONLY = {"sparse"}
 
 
 @pytest.mark.parametrize("order", ["prune_then_quantize", "quantize_then_prune"])
@@ -113,7 +115,12 @@ FLOAT_ONLY_PRUNING = {"iterative", "l1_filter", "structured_unstructured"}
 def test_every_pruning_and_quantization_pair_validates_or_is_refused_in_one_line(pruning, quantization, order):
     cfg = compose_cfg(f"pruning={pruning}", f"quantization={quantization}", f"quantization.order={order}")
     assert (cfg.pruning.name, cfg.quantization.name) == (pruning, quantization)
-    if order == "quantize_then_prune" and pruning in FLOAT_ONLY_PRUNING:
+    if order == "quantize_then_prune" and quantization in AFTER_PRUNING_ONLY:
+        with pytest.raises(ConfigError) as error:
+            validate(cfg)
+        assert str(error.value) == (f"quantization.order=quantize_then_prune is not allowed: must be "
+                                    f"prune_then_quantize (what quantization={quantization} supports)")
+    elif order == "quantize_then_prune" and pruning in FLOAT_ONLY_PRUNING:
         with pytest.raises(ConfigError) as error:
             validate(cfg)
         assert str(error.value) == (f"pruning={pruning} is not allowed: must be an option that prunes stored weights "
@@ -276,6 +283,8 @@ BAD_INPUT = {
     "structured pruning after quantization": (
         ["pruning=l1_filter", "quantization=static_int8", "quantization.order=quantize_then_prune"],
         ["pruning=l1_filter is not allowed: must be an option that prunes stored weights", "quantize_then_prune"]),
+    "CSR storage before pruning": (["quantization=sparse", "quantization.order=quantize_then_prune"],
+                                   ["quantization.order=quantize_then_prune is not allowed: must be prune_then_quantize"]),
     "missing layer amounts file": (["pruning=layer_magnitude", "pruning.layer_amounts=/nonexistent/amounts.yaml"],
                                    ["pruning.layer_amounts=/nonexistent/amounts.yaml", "existing YAML file"]),
     "misspelt key": (["train.epoch=3"], ["train.epoch", "epochs"]),

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pqsweep import measure, models
+from pqsweep.config import ConfigError, validate
 from pqsweep.export import ExportError, export
 from pqsweep.pipeline import run
 from pqsweep.pruning import unstructured
@@ -101,11 +102,11 @@ def test_a_dense_model_is_left_as_it_is(make_cfg):
     assert measure.sizes(deployed) == measure.sizes(model)
 
 
-def test_quantize_then_prune_is_refused():
-    cfg = option("quantization", "sparse", "order=quantize_then_prune")
-    with pytest.raises(ValueError, match=r"^quantization.order=quantize_then_prune is not allowed with "
-                                         r"quantization=sparse: must be prune_then_quantize"):
-        sparse(models.small_cnn(10, 1).eval(), cfg, None)
+def test_quantize_then_prune_is_refused_before_anything_trains():
+    cfg = compose_cfg("quantization=sparse", "quantization.order=quantize_then_prune")
+    with pytest.raises(ConfigError, match=r"^quantization.order=quantize_then_prune is not allowed: must be "
+                                          r"prune_then_quantize \(what quantization=sparse supports\)$"):
+        validate(cfg)
 
 
 # --- sizes: CSR as stored ------------------------------------------------------------------------------------------

@@ -270,10 +270,14 @@ class QuantizationConfig:
     order: Order = Order.prune_then_quantize
     # Facts the method declares about itself in its option file:
     export_tolerance: float = 1e-4  # an exported file's logits may differ from eager by this share of the logit scale
+    orders: List[Order] = field(default_factory=lambda: list(Order))  # the orders it can be composed in
 
     def checks(self) -> list[Check]:
+        names = [o.value for o in self.orders]
         return [Check("bits", self.bits, 2 <= self.bits <= 32, "an integer in 2..32"),
-                Check("export_tolerance", self.export_tolerance, self.export_tolerance > 0, "> 0")]
+                Check("export_tolerance", self.export_tolerance, self.export_tolerance > 0, "> 0"),
+                Check("order", self.order.value, self.order in self.orders,
+                      f"{' or '.join(names)} (what quantization={self.name} supports)")]
 
 
 @dataclass

@@ -22,8 +22,8 @@ below the Linear crossover, leaves such convs dense.
 The CSR weight is a buffer named `weight` (torch.save writes its row pointers, column indices and values, which is
 what `size_mb` counts; `pqsweep.measure` reads it as a weight of the layer's dense shape). Export: torchscript yes
 (torch.jit.trace keeps the CSR buffer and the sparse matmul); onnx no: neither ONNX exporter takes a sparse
-tensor ("Sparse CSR tensors do not have strides"). quantization.order=quantize_then_prune is refused: this option
-stores the zeros pruning made, and before pruning there are none.
+tensor ("Sparse CSR tensors do not have strides"). quantization.order=quantize_then_prune is refused before a run (the
+`orders` fact of its option file): this option stores the zeros pruning made, and before pruning there are none.
 """
 
 from __future__ import annotations
@@ -35,17 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pqsweep.config import Order
-
 MAX_DENSITY = 0.15  # non-zero share at or below which a layer is stored as CSR (see the module doc)
 MAX_CONV_POSITIONS = 64  # output positions per image (8 x 8) up to which a conv is converted
 
 
 def sparse(model: nn.Module, cfg, ctx) -> nn.Module:
     """A copy of `model` whose layers sparse enough to pay (see the module doc) are stored and run as CSR."""
-    if cfg.get("order") == Order.quantize_then_prune:
-        raise ValueError("quantization.order=quantize_then_prune is not allowed with quantization=sparse: must be "
-                         "prune_then_quantize (it stores the zeros pruning made; before pruning there are none)")
     example = ctx.example if ctx is not None else None
     return sparsify(copy.deepcopy(model).cpu().eval(), example)
 
