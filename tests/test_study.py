@@ -280,3 +280,4 @@ def test_a_study_begun_in_another_experiment_resumes_there_with_its_baseline(tmp
     assert len(client.search_runs([home], "tags.stage = 'baseline'")) == 1
     elsewhere = [e for e in experiment_ids(client) if e != home]
     assert client.search_runs(elsewhere, "") == []  # nothing of the study landed in an experiment of its name
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "pqsweep"]  # nor was one made for it

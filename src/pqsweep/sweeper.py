@@ -143,7 +143,12 @@ class StudyRun:
         if not self.created:
             studies.wait_until_ready(self.study)
             studies.check_identity(self.study, fixed, space)
-        self.experiment_id = tracking.setup(config)  # only once the command is known to fit the study
+        # only once the command is known to fit the study; a resumed one stays in the experiment of its parent run
+        # (a study begun before one experiment per study is not split, and no empty experiment of its name is made)
+        tracking.connect(config)
+        parent = self.study.user_attrs.get(studies.PARENT_ATTR)
+        self.held = tracking.run_experiment(parent) if parent else None
+        self.experiment_id = self.held or tracking.setup(config)
         if self.created or studies.FIXED_ATTR not in self.study.user_attrs:  # new, or made outside pqsweep
             self.study.set_user_attr(studies.FIXED_ATTR, fixed)
             self.study.set_user_attr(studies.SPACE_ATTR, space)
@@ -273,10 +278,9 @@ class StudyRun:
 
     def open_parent(self) -> str:
         parent = self.study.user_attrs.get(self.studies.PARENT_ATTR)
-        held = self.tracking.resume_run(parent) if parent else None
-        if held:
+        if self.held:  # the store holds it
+            self.tracking.resume_run(parent)
             log.info("study %s: resuming under MLflow parent run %s", self.name, parent)
-            self.experiment_id = held  # its trials beside it, also where a store of before kept it elsewhere
             return parent
         params = {f"sweeper.{k}": str(v) for k, v in (self.impl.params or {}).items()}
         params.update({f"space.{k}": str(v) for k, v in self.space.items()})

@@ -47,15 +47,21 @@ VIEW_KEY = "pqsweep"
 VIEW_METRICS = ("top1", "top1_delta", "size_mb", "size_sparse_mb", "latency_ms_p50")
 
 
+def connect(cfg: DictConfig) -> str:
+    """Point mlflow at the configured store, creating a fresh SQLite one first; returns its URI."""
+    uri = resolve_uri(cfg.tracking.uri)
+    prepare_tracking_store(uri)  # a fresh SQLite store is created once, under a lock, before anyone writes to it
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def setup(cfg: DictConfig) -> str:
     """Point mlflow at the configured store and experiment; returns the experiment id.
 
     A new experiment on a SQLite store keeps its artifacts in `mlartifacts/` beside the database file (MLflow's
     default is `./mlruns` under whatever directory the process happens to run in).
     """
-    uri = resolve_uri(cfg.tracking.uri)
-    prepare_tracking_store(uri)  # a fresh SQLite store is created once, under a lock, before anyone writes to it
-    mlflow.set_tracking_uri(uri)
+    uri = connect(cfg)
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
         location = None
         if uri.startswith("sqlite:///"):
@@ -171,16 +177,17 @@ def create_parent(experiment_id: str, name: str, params: dict[str, str], tags: d
     return run.info.run_id
 
 
-def resume_run(run_id: str) -> str | None:
-    """Mark an existing run RUNNING again (a resumed study's parent); returns the experiment that holds it, None when
-    the store does not hold it."""
-    client = MlflowClient()
+def run_experiment(run_id: str) -> str | None:
+    """The experiment that holds a run; None when the store does not hold it."""
     try:
-        run = client.get_run(run_id)
+        return MlflowClient().get_run(run_id).info.experiment_id
     except mlflow.exceptions.MlflowException:
         return None
-    client.update_run(run_id, status="RUNNING")
-    return run.info.experiment_id
+
+
+def resume_run(run_id: str) -> None:
+    """Mark an existing run RUNNING again (a resumed study's parent)."""
+    MlflowClient().update_run(run_id, status="RUNNING")
 
 
 def create_trial_run(experiment_id: str, parent_id: str, name: str, tags: dict[str, str]) -> str:
@@ -276,7 +283,10 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
     from pqsweep.cache import BaselineCache, baseline_key
     from pqsweep.pipeline import run
 
-    experiment_id = setup(cfg)
+    if cfg.tracking.run_id is None:
+        setup(cfg)
+    else:  # the sweeper's run is in its study's experiment (a study begun before one experiment per study keeps
+        connect(cfg)  # its first one): none of the configured name is made for it
     key = baseline_key(cfg)
     tags = {"stage": "trial", "baseline_hash": key}
     if cfg.tracking.run_id is None:  # else the sweeper created the run with its study's name and trial number
@@ -310,7 +320,7 @@ def log_trial(cfg: DictConfig, trial_number: str | None = None) -> dict[str, flo
         run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"],
     )
     if cfg.tracking.run_id is None and PARENT_ENV not in os.environ:  # a sweep's own line says where its trials are
-        log.info("in MLflow: %s", ui_link(experiment_id, run_id))
+        log.info("in MLflow: %s", ui_link(active.info.experiment_id, run_id))
     return result.metrics
 
 
