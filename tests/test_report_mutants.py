@@ -420,12 +420,12 @@ def test_write_outputs_hands_back_the_files_it_wrote_under_out(tmp_path):
 def test_a_budget_prints_each_methods_most_compressed_trial_with_its_run(store, capsys):
     uri, client, experiment = store
     _, ids = log_sweep(client, experiment)
-    table.main(["hand", "--uri", uri, "--no-plots", "--no-log", "--columns", "pruning,top1,size_mb,front,status",
+    table.main(["hand", "--uri", uri, "--no-plots", "--no-log", "--columns", "pruning,top1,size_mb,front,status,sweep",
                 "--budget", "top1>=75", "--budget", "size_mb<=0.4"])
     out = capsys.readouterr().out.split("budget ", 1)[1].splitlines()
     assert out[0] == ("top1>=75, size_mb<=0.4: per method the most compressed trial (by size_mb) within it, '-' where "
                       "none is; the front above stands beside it")
-    # front and status are the front's own columns, not the budget's
+    # front, status and sweep are the table's own columns, not the budget's
     assert out[1:6] == table.render(["method", "pruning", "top1 %", "size MB", "run"],
                                     [["gm·fp16", "gm", "80.00", "0.2000", ids["B"]],
                                      ["gm·none", "-", "-", "-", "-"],  # A is too big; F failed
