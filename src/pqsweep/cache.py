@@ -1,98 +1,43 @@
-"""Stage caches: what an expensive stage produced, stored under the hash of the settings that shaped it (open_lth).
+"""The stage machinery: each stage of a run computed once under the key of what shapes it, then loaded (open_lth).
 
-One mechanism, one file per entry (`<stage>-<key>.pt` under `cache.dir`), for every stage that uses it:
-- `baseline`: the trained baseline. Change a field that affects training and the key changes; change pruning,
-  quantization, fine-tuning or an evaluation setting and every trial reuses the same baseline.
-- `pruned`: the pruned and fine-tuned model, shared by every precision of one sparsity in a grid: a trial whose
-  prune stage exists only quantizes and measures. Filter-pruned layers keep their new shapes as numbers
-  (`weights.structure`), replayed on a fresh model before its weights load, so the entry is tensors only.
-- `measured`: the baseline's metrics, measured once per baseline and measurement setting.
-- `curves`: a sensitivity scan's per-layer curves, so choosing amounts at another tolerance prunes nothing.
-- `data`: the splits of an in-memory data set (digits, mnist5k), so a run on them needs neither the parse nor the
-  scikit-learn import of the split again.
-Writes are atomic, loads take tensors only (`weights_only`), and a file lock makes parallel trials that need the
-same entry compute it once. An entry that cannot be read back (truncated, garbage, empty, missing a field) is moved
-aside as `<name>.corrupt-<UTC time>` with one warning, and the stage computes it again. Entries and locks are created
-with the umask's permissions (not mkstemp's 0600), so a cache directory shared by a team is usable by all of it.
+`Stages(cfg, random).get(name, compute)` is a stage (pqsweep.stages.STAGES declares each): under a file lock it
+looks the entry up, loads it where it is there (restoring the random state the stage hands on), or computes it, saves
+it atomically and records it; `cached[name]` says which, for the run's `<stage>_cached` tags. One file per entry,
+`<stage>-<key>.pt` under `cache.dir`, holding the key it was saved under. Loads take tensors and numbers only
+(`weights_only`). A stage whose training diverged records that instead, and every trial that needs it fails at once
+with the same line. An entry that cannot be read back (truncated, garbage, empty, missing a field, another key's) is
+moved aside as `<name>.corrupt-<UTC time>` with one warning, and an entry its reader finds unfit (a model whose
+layers it does not describe) is computed again. Entries and locks get the umask's permissions (not mkstemp's 0600),
+so a cache a team shares is usable by all of it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import secrets
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from pqsweep.identity import stage_keys
+from pqsweep.stages import STAGES, Random, Stage
+from pqsweep.train import Diverged, seed_everything
 
 log = logging.getLogger(__name__)
 
-# Fields that do not change the trained weights: where the data lives, and what happens after baseline training.
-NOT_IN_KEY = {
-    "model": {"min_image_size", "weights"},  # facts the pre-run check reads
-    "dataset": {"root", "download", "image_size", "files", "downloadable"},
-    "train": {"finetune_epochs", "finetune_lr"},
-}
 
+class Store:
+    """The entries of one stage under `directory`: `<stage>-<key>.pt`, with a lock file beside each."""
 
-def _digest(shaping: dict[str, Any]) -> str:
-    blob = json.dumps(shaping, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def baseline_key(cfg: DictConfig) -> str:
-    shaping: dict[str, Any] = {}
-    for group in ("model", "dataset", "train"):
-        node = OmegaConf.to_container(cfg[group], resolve=True)
-        shaping[group] = {k: v for k, v in node.items() if k not in NOT_IN_KEY.get(group, set())}
-    shaping["device"] = cfg.device.split(":")[0]
-    return _digest(shaping)
-
-
-def pruned_key(cfg: DictConfig) -> str:
-    """What shapes the pruned, fine-tuned model: the baseline, the pruning option, fine-tuning and the seed. A
-    per-layer amounts file enters by its content, not its path."""
-    pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
-    if pruning.get("layer_amounts"):
-        pruning["layer_amounts"] = hashlib.sha256(Path(pruning["layer_amounts"]).read_bytes()).hexdigest()
-    finetune = {k: cfg.train[k] for k in ("finetune_epochs", "finetune_lr")}
-    return _digest({"baseline": baseline_key(cfg), "pruning": pruning, "finetune": finetune, "seed": cfg.train.seed})
-
-
-def measured_key(cfg: DictConfig) -> str:
-    return _digest({"baseline": baseline_key(cfg), "measure": OmegaConf.to_container(cfg.measure, resolve=True)})
-
-
-def curves_key(cfg: DictConfig) -> str:
-    """A scan's curves depend on the baseline, the pruning option (less the amounts the scan sets itself), the
-    amounts scanned and the split they are measured on; not on the tolerance or the output file."""
-    pruning = {k: v for k, v in OmegaConf.to_container(cfg.pruning, resolve=True).items()
-               if k not in ("amount", "layer_amounts")}
-    scan = {"amounts": sorted(float(a) for a in cfg.sensitivity.amounts), "split": cfg.sensitivity.split}
-    return _digest({"baseline": baseline_key(cfg), "pruning": pruning, "scan": scan})
-
-
-def data_key(cfg: DictConfig) -> str:
-    """The data set's splits depend on its whole config (root included: other files, other data), not on download."""
-    node = OmegaConf.to_container(cfg.dataset, resolve=True)
-    return _digest({k: v for k, v in node.items() if k != "download"})
-
-
-class StageCache:
-    """The entries of one stage under `directory`."""
-
-    stage = "stage"
-    fields: frozenset[str] = frozenset()  # what a reader of the entry takes from it
-
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
+    def __init__(self, directory: str | os.PathLike, stage: str, holds: frozenset[str] = frozenset()):
+        self.dir, self.stage, self.holds = Path(directory), stage, holds
 
     def path(self, key: str) -> Path:
         return self.dir / f"{self.stage}-{key}.pt"
@@ -105,14 +50,15 @@ class StageCache:
         except FileNotFoundError:
             return None
         with f:
-            entry, problem = self._read(f)
+            entry, problem = self._read(f, key)
             if problem is None:
                 return entry
             self._set_aside(path, os.fstat(f.fileno()), problem)
             return None
 
-    def _read(self, f) -> tuple[dict | None, str | None]:
-        """(entry, None), or (None, what is wrong with the file)."""
+    def _read(self, f, key: str) -> tuple[dict | None, str | None]:
+        """(entry, None), or (None, what is wrong with the file). An entry holds the key it was saved under (those
+        written before entries carried it are taken as named): a file copied over another's name is not trusted."""
         try:
             entry = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as error:  # torch's error depends on how the file is broken: EOFError, OSError, KeyError...
@@ -120,15 +66,16 @@ class StageCache:
             return None, f"{type(error).__name__}: {first_line[:200]}".removesuffix(": ")
         if not isinstance(entry, dict):
             return None, f"holds a {type(entry).__name__}, not a dict"
-        missing = self.fields - entry.keys()
+        if entry.get("key", key) != key:
+            return None, f"holds the entry of key {entry['key']}"
+        if FAILED in entry:  # the record of a stage that diverged: it holds nothing else
+            return entry, None
+        missing = self.holds - entry.keys()
         return (None, f"lacks {', '.join(sorted(missing))}") if missing else (entry, None)
 
     def _set_aside(self, path: Path, read: os.stat_result, reason: str) -> None:
-        """Move the unreadable file out of the way, keeping it for whoever wants to look at it.
-
-        The first lookup of `load_splits` runs outside the lock, so another process may already have replaced the
-        file with a good one: only the file this process read is moved.
-        """
+        """Move the unreadable file out of the way, keeping it for whoever wants to look at it. The first lookup runs
+        outside the lock, so another process may have replaced the file with a good one: only the file read moves."""
         aside = path.with_name(f"{path.name}.corrupt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}")
         try:
             if os.stat(path).st_ino != read.st_ino:
@@ -145,7 +92,7 @@ class StageCache:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
-                torch.save(entry, f)
+                torch.save({**entry, "key": key}, f)
             os.replace(tmp, self.path(key))  # atomic: readers see the old file or the whole new one
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -164,33 +111,109 @@ class StageCache:
             os.close(fd)  # closing releases the lock
 
 
-class BaselineCache(StageCache):
-    stage = "baseline"
-    fields = frozenset({"state_dict", "history"})
+def store(cfg: DictConfig, name: str) -> Store:
+    """Stage `name`'s entries under cfg.cache.dir; what a kept random state adds, it must hold too."""
+    stage = STAGES[name]
+    return Store(cfg.cache.dir, name, stage.holds | ({"random"} if stage.random == Random.kept else set()))
 
 
-class PrunedCache(StageCache):
-    """The pruned and fine-tuned model: its weights, the shapes structured pruning gave its layers, and the random
-    state the stage left behind (calibration draws from the training loader after it)."""
+@dataclass
+class Randomness:
+    """The random state a run's stages draw from: torch's global generator, numpy's and Python's (seeded from
+    train.seed), and the generators of the run's shuffled loaders. pqsweep's stages draw from torch only, so a kept
+    state holds torch's and the loaders'."""
 
-    stage = "pruned"
-    fields = frozenset({"state_dict", "structure", "rng", "loader_rng"})
+    seed: int
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+    def capture(self) -> dict[str, torch.Tensor]:
+        return {"torch": torch.get_rng_state()} | {name: g.get_state() for name, g in self.generators.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["torch"])
+        for name, generator in self.generators.items():
+            generator.set_state(state[name])
+
+    def reseed(self) -> None:
+        seed_everything(self.seed)
+        for generator in self.generators.values():
+            generator.manual_seed(self.seed)
 
 
-class MeasuredCache(StageCache):
-    """The baseline's own metrics, measured once per baseline and measurement setting."""
-
-    stage = "measured"
-    fields = frozenset({"metrics"})
+FAILED = "failed"  # an entry that records why the stage failed, for a failure its inputs determine (Diverged)
 
 
-class CurvesCache(StageCache):
-    """A sensitivity scan's curves: a second scan with another tolerance or output file prunes nothing."""
-
-    stage = "curves"
-    fields = frozenset({"baseline_top1", "rows", "info"})
+class Unfit(Exception):
+    """A cached entry its reader cannot use for this run (the message says why); the stage is computed again."""
 
 
-class DataCache(StageCache):
-    stage = "data"
-    fields = frozenset({"train", "val", "test", "num_classes", "in_channels", "image_size"})
+def as_is(value: Any) -> Any:
+    return value
+
+
+NOT_LOADED = object()
+
+
+@dataclass
+class Stages:
+    """The stages of one run: their keys, and which ones this run loaded (`cached`) rather than computed."""
+
+    cfg: DictConfig
+    random: Randomness
+    keys: dict[str, str | None] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.keys = self.keys or stage_keys(self.cfg)
+
+    def get(self, name: str, compute: Callable[[], Any], save: Callable[[Any], dict | None] = as_is,
+            load: Callable[[dict], Any] = as_is) -> Any:
+        """Stage `name`'s value: loaded (`load(entry)`) when its entry is cached and fits, else `compute()`d and
+        kept as `save(value)` (None: not kept, as for splits read from files). The random state it hands on
+        follows its declaration either way."""
+        stage, key, entries = STAGES[name], self.keys[name], store(self.cfg, name)
+        if key is None:
+            raise ValueError(f"stage {name} does not apply to this run")
+        value = self._loaded(stage, key, entries, load, warn=False)  # most lookups find it: no lock to wait for
+        if value is not NOT_LOADED:
+            return value
+        with entries.lock(key):
+            value = self._loaded(stage, key, entries, load)  # a parallel trial may have computed it meanwhile
+            if value is not NOT_LOADED:
+                return value
+            try:
+                value = compute()
+            except Diverged as error:  # the same inputs diverge again: the trials that need this stage fail at once
+                if stage.cached:
+                    entries.save(key, {FAILED: str(error)})
+                raise
+            entry = save(value)
+            if entry is not None and stage.random == Random.kept:
+                entry = {**entry, "random": self.random.capture()}
+            if stage.random == Random.reseeded:
+                self.random.reseed()
+            if entry is not None and stage.cached:
+                entries.save(key, entry)
+        self.cached[name] = False
+        return value
+
+    def _loaded(self, stage: Stage, key: str, entries: Store, load: Callable[[dict], Any], warn: bool = True) -> Any:
+        entry = entries.load(key)
+        if entry is None:
+            return NOT_LOADED
+        if FAILED in entry:
+            raise Diverged(f"{entry[FAILED]} (recorded as {stage.name} {key} in {entries.path(key)}: these settings "
+                           f"diverge; delete the file to train them again)")
+        try:
+            value = load(entry)
+        except Unfit as unfit:
+            if warn:  # once, under the lock, before it is computed again
+                log.warning("%s %s: cached entry %s; computing it again", stage.name, key, unfit)
+            return NOT_LOADED
+        if stage.random == Random.kept:
+            self.random.restore(entry["random"])
+        elif stage.random == Random.reseeded:
+            self.random.reseed()
+        log.info("%s %s: loaded from cache %s (%s)", stage.name, key, entries.path(key), stage.spares)
+        self.cached[stage.name] = True
+        return value

@@ -13,7 +13,6 @@ Composition, the pre-run check, `--help` and `--cfg` import no torch or mlflow: 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import NoReturn
 
@@ -23,9 +22,10 @@ from hydra.types import RunMode
 from hydra.utils import execution_whitelist
 from omegaconf import DictConfig
 
-from pqsweep import helptext
-from pqsweep.config import TRUSTED_TARGETS, ConfigError, register
+from pqsweep import helptext, interrupts
 from pqsweep.preflight import CONFIG_MODULE, preflight
+from pqsweep.schema import register
+from pqsweep.checks import TRUSTED_TARGETS, ConfigError
 
 log = logging.getLogger("pqsweep")
 register()
@@ -37,10 +37,10 @@ def _multirun() -> bool:
 
 def run_and_log(cfg: DictConfig) -> dict[str, float]:
     """One run as an MLflow run (a child of the sweep's parent run in a multirun)."""
-    from pqsweep.tracking import log_trial
+    from pqsweep import trial
 
-    trial = str(HydraConfig.get().job.num) if _multirun() and cfg.study.trial is None else None
-    return log_trial(cfg, trial_number=trial)
+    number = str(HydraConfig.get().job.num) if _multirun() and cfg.launch.trial is None else None
+    return trial.run(cfg, trial_number=number)
 
 
 def fail(error: Exception) -> NoReturn:
@@ -50,27 +50,29 @@ def fail(error: Exception) -> NoReturn:
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "run failed", None, sys.exc_info())
     for handler in files:
         handler.handle(record)
-    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if not isinstance(error, ConfigError):
-        what = f"{type(error).__name__}: {what}"
+    what = one_line(error)
     where = f"the traceback is in {files[0].baseFilename}" if files else "rerun with HYDRA_FULL_ERROR=1 for the traceback"
     print(f"pqsweep: error: {what}; {where} and the MLflow run's error.txt", file=sys.stderr)
     raise SystemExit(1)
 
 
+def one_line(error: Exception) -> str:
+    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return what if isinstance(error, ConfigError) else f"{type(error).__name__}: {what}"
+
+
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
-def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
-    objectives = list(cfg.study.objectives)
+def app(cfg: DictConfig) -> dict[str, float | str]:
+    """The task: a trial's metrics, which the sweeper reads its objectives and constraints from; in a sweep, a trial
+    that raised returns {"error": its first line} (its MLflow run is FAILED with the traceback) and the sweep goes
+    on."""
     try:
-        metrics = run_and_log(cfg)
+        return run_and_log(cfg)
     except Exception as error:
         if not _multirun():
             fail(error)
-        # Recorded as a FAILED MLflow run; NaN makes Optuna mark the trial failed and the sweep goes on.
         log.exception("trial failed; the sweep goes on")
-        metrics = {k: math.nan for k in objectives}
-    values = tuple(float(metrics[k]) for k in objectives)
-    return values[0] if len(values) == 1 else values
+        return {"error": one_line(error)[:500]}
 
 
 def main() -> None:
@@ -78,7 +80,7 @@ def main() -> None:
         print(helptext.text("pqsweep"), end="")
         return
     preflight(sys.argv[1:])
-    with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
+    with interrupts.handled("pqsweep"), execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations too
         app()
 
 

@@ -1,7 +1,10 @@
-"""One run: load data -> build model -> baseline (trained or cached) -> prune -> fine-tune -> quantize -> measure.
+"""One run as a list of stages: data -> model -> baseline -> its metrics -> (structured ->) prune -> quantize and
+measure (the trial).
 
-`run(cfg)` returns the trial's metrics and what its data were (numbers only; the deployed model too where
-`tracking.log_model` asks for it); `pqsweep.tracking` logs them to MLflow.
+Each cached stage is `stages.get(<stage>, <compute>)` (pqsweep.cache.Stages, declared in pqsweep.stages.STAGES), so
+a grid computes each distinct stage once and every other point loads it. `run(cfg)` returns the trial's metrics and
+what its data were (numbers only; the deployed model too where `tracking.log_model` asks for it); pqsweep.trial logs
+them to MLflow.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pqsweep import measure
-from pqsweep.cache import (BaselineCache, DataCache, MeasuredCache, PrunedCache, baseline_key, data_key, measured_key,
-                           pruned_key)
-from pqsweep.config import Export, Order, validate
+from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
-from pqsweep.weights import footprint, restore_structure, structure
+from pqsweep.options import Export, Order
 from pqsweep.train import Context, fit, seed_everything, trainable_parameters
+from pqsweep.validate import validate
+from pqsweep.weights import footprint, restore_structure, structure
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +57,32 @@ def describe_data(splits: DataSplits) -> dict[str, int]:
             "num_classes": splits.num_classes, "in_channels": splits.in_channels, "image_size": splits.image_size}
 
 
-def load_splits(cfg: DictConfig) -> DataSplits:
-    """The data set's splits, cut to dataset.num_samples; those held in memory come from the data cache after
-    their first build."""
-    return limited(built_splits(cfg), cfg.dataset.num_samples)
+def stages_of(cfg: DictConfig) -> Stages:
+    return Stages(cfg, Randomness(cfg.train.seed))
 
 
-def built_splits(cfg: DictConfig) -> DataSplits:
-    cache, key = DataCache(cfg.cache.dir), data_key(cfg)
-    entry = cache.load(key)
-    if entry is not None:
-        return DataSplits.from_tensors(entry)
-    with cache.lock(key):
-        entry = cache.load(key)  # a parallel trial may have built it while this one waited
-        if entry is not None:
-            return DataSplits.from_tensors(entry)
-        splits: DataSplits = get_method(cfg.dataset._target_)(cfg.dataset)
-        tensors = splits.tensors()
-        if tensors is not None:
-            cache.save(key, tensors)
-    return splits
+# -- the stages ---------------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: DictConfig) -> tuple[DataSplits, dict[str, DataLoader]]:
-    splits = load_splits(cfg)
+def load_splits(cfg: DictConfig, stages: Stages | None = None) -> DataSplits:
+    """The data set's splits, cut to dataset.num_samples; those held in memory come from the data stage's cache
+    after their first build."""
+    stages = stages or stages_of(cfg)
+    built = stages.get("data", lambda: get_method(cfg.dataset._target_)(cfg.dataset),
+                       save=DataSplits.tensors, load=DataSplits.from_tensors)
+    return limited(built, cfg.dataset.num_samples)
+
+
+def load_data(cfg: DictConfig, stages: Stages | None = None) -> tuple[DataSplits, dict[str, DataLoader]]:
+    splits = load_splits(cfg, stages)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     loaders = {
         "train": DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=generator),
         "val": DataLoader(splits.val, batch_size=cfg.measure.eval_batch_size),
         "test": DataLoader(splits.test, batch_size=cfg.measure.eval_batch_size),
     }
+    if stages is not None:
+        stages.random.generators["train"] = generator  # handed on by the stages that keep their random state
     return splits, loaders
 
 
@@ -92,27 +91,64 @@ def build_model(cfg: DictConfig, splits: DataSplits) -> nn.Module:
     return factory(num_classes=splits.num_classes, in_channels=splits.in_channels, pretrained=cfg.model.pretrained)
 
 
-def baseline(cfg: DictConfig, model: nn.Module, loaders: dict[str, DataLoader]) -> Baseline:
-    """Train the baseline, or load it from the cache when the settings that shape it were trained before."""
-    cache = BaselineCache(cfg.cache.dir)
-    key = baseline_key(cfg)
-    with cache.lock(key):
-        entry = cache.load(key)
-        if entry is not None:
-            log.info("baseline %s: loaded from cache %s (trained nothing)", key, cache.path(key))
-            return Baseline(key, entry["state_dict"], cached=True, history=entry["history"])
+def baseline(cfg: DictConfig, stages: Stages, model: nn.Module, loaders: dict[str, DataLoader]) -> Baseline:
+    """Train the baseline, or load it when the settings that shape it were trained before."""
+    key = stages.keys["baseline"]
+
+    def train() -> dict:
         if cfg.train.epochs == 0:
             log.info("baseline %s: train.epochs=0, the untrained model is the baseline", key)
         else:
             log.info("baseline %s: not in cache, training %d epochs", key, cfg.train.epochs)
         history = fit(model, loaders["train"], cfg.train, cfg.train.epochs, device=cfg.device, desc="baseline")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        cache.save(key, {"state_dict": state, "history": history, "config": OmegaConf.to_yaml(cfg)})
-        return Baseline(key, state, cached=False, history=history)
+        return {"state_dict": state, "history": history, "config": OmegaConf.to_yaml(cfg)}
+
+    entry = stages.get("baseline", train)
+    return Baseline(key, entry["state_dict"], cached=stages.cached["baseline"], history=entry["history"])
+
+
+def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example) -> dict[str, float]:
+    """The baseline as deployed at fp32, measured once per baseline and measurement setting."""
+    return stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure),
+                      save=lambda metrics: {"metrics": metrics}, load=lambda entry: dict(entry["metrics"]))
+
+
+def as_model(template: nn.Module, example: torch.Tensor):
+    """How a stage whose result is a model keeps it: its weights and the shapes pruning gave its layers (numbers,
+    replayed on a copy of `template` before the weights load), so an entry is tensors only. An entry whose layers
+    the template's do not match is unfit: the stage is computed again."""
+
+    def save(model: nn.Module) -> dict:
+        return {"state_dict": model.state_dict(), "structure": structure(model)}
+
+    def load(entry: dict) -> nn.Module:
+        loaded = copy.deepcopy(template)
+        try:
+            restore_structure(loaded, entry["structure"], entry["state_dict"])
+            loaded.load_state_dict(entry["state_dict"])
+            with torch.no_grad():
+                loaded.eval()(example.to(next(loaded.parameters()).device))  # the shapes fit each other
+        except (KeyError, RuntimeError) as error:
+            raise Unfit(f"does not fit the model ({str(error).splitlines()[0][:200]})") from None
+        return loaded.cpu().eval()
+
+    return {"save": save, "load": load}
+
+
+def structured(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) -> nn.Module:
+    """A pruning option's structured step (its file names it), run and cached as a stage of its own: the points of a
+    grid that differ only in what follows it share it."""
+
+    def compute() -> nn.Module:
+        return get_method(cfg.pruning.structured_step)(model, cfg.pruning, ctx).cpu().eval()
+
+    return stages.get("structured", compute, **as_model(model, ctx.example))
 
 
 def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
-    """Prune (a method may fine-tune between its own stages), then fine-tune once more if anything was removed."""
+    """The prune stage's work: prune (a method may fine-tune between its own steps), then fine-tune once more if
+    anything was removed."""
     before = footprint(model)
     model = get_method(cfg.pruning._target_)(model, cfg.pruning, ctx)
     if footprint(model) != before and cfg.train.finetune_epochs > 0:
@@ -120,67 +156,34 @@ def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Mo
     return model.cpu().eval()
 
 
+def pruned(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) -> nn.Module:
+    """The prune stage, after the structured stage where the option has one. Its entry keeps the random state the
+    stage left, so what follows (calibration) sees the same batches whether it was computed or loaded."""
+    if stages.keys["structured"] is not None:
+        model = structured(cfg, stages, model, ctx)
+    return stages.get("prune", lambda: prune_and_finetune(cfg, model, ctx), **as_model(model, ctx.example))
+
+
 def quantize(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
     return get_method(cfg.quantization._target_)(model.cpu().eval(), cfg.quantization, ctx)
 
 
-def pruned(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, bool]:
-    """(prune_and_finetune's model, whether it came from the cache). The cache holds it under the hash of what
-    shaped it, with the random state the stage left, so what follows (calibration) sees the same batches."""
-    cache, key = PrunedCache(cfg.cache.dir), pruned_key(cfg)
-    with cache.lock(key):  # parallel trials that share a sparsity prune and fine-tune it once
-        entry = cache.load(key)
-        if entry is not None:
-            loaded = copy.deepcopy(model)
-            try:
-                restore_structure(loaded, entry["structure"], entry["state_dict"])
-                loaded.load_state_dict(entry["state_dict"])
-                with torch.no_grad():
-                    loaded.eval()(ctx.example.to(next(loaded.parameters()).device))  # the shapes fit each other
-            except (KeyError, RuntimeError) as error:  # a model whose layers the entry does not describe
-                log.warning("pruned %s: cached entry does not fit the model (%s); pruning again", key,
-                            str(error).splitlines()[0][:200])
-            else:
-                torch.set_rng_state(entry["rng"])
-                ctx.loaders["train"].generator.set_state(entry["loader_rng"])
-                log.info("pruned %s: loaded from cache %s (pruned and fine-tuned nothing)", key, cache.path(key))
-                return loaded.cpu().eval(), True
-        model = prune_and_finetune(cfg, model, ctx)
-        cache.save(key, {"state_dict": model.state_dict(), "structure": structure(model),
-                         "rng": torch.get_rng_state(), "loader_rng": ctx.loaders["train"].generator.get_state(),
-                         "config": OmegaConf.to_yaml(cfg.pruning)})
-        return model, False
+def compress(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) -> tuple[nn.Module, nn.Module]:
+    """(deployed model, its float counterpart) in `quantization.order`.
 
-
-def compress(cfg: DictConfig, model: nn.Module, ctx: Context) -> tuple[nn.Module, nn.Module, bool | None]:
-    """(deployed model, its float counterpart, whether the prune stage was cached) in `quantization.order`.
-
-    quantize_then_prune prunes the stored (e.g. int8) weights in their own domain, with no fine-tuning: a
-    converted int8 model has no float weights to train, and its pruning is cheap, so it is not cached.
+    quantize_then_prune prunes the stored (e.g. int8) weights in their own domain, with no fine-tuning: a converted
+    int8 model has no float weights to train, and its pruning is cheap, so it is part of the trial, not a stage.
     """
     if cfg.quantization.order == Order.quantize_then_prune:
         deployed = quantize(cfg, model, ctx)
-        deployed = get_method(cfg.pruning._target_)(deployed, cfg.pruning, ctx)
-        return deployed, model, None
-    model, cached = pruned(cfg, model, ctx)
-    return quantize(cfg, model, ctx), model, cached
+        return get_method(cfg.pruning._target_)(deployed, cfg.pruning, ctx), model
+    float_model = pruned(cfg, stages, model, ctx)
+    return quantize(cfg, float_model, ctx), float_model
 
 
 def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
     with tqdm(total=len(loader), desc=desc, unit="batch", leave=False) as bar:
         return measure.accuracy(model, loader, progress=bar)
-
-
-def measured(cfg: DictConfig, model: nn.Module, loaders, example: torch.Tensor) -> tuple[dict[str, float], bool]:
-    """The baseline's metrics, and whether they came from the cache (every trial of a sweep shares them)."""
-    cache, key = MeasuredCache(cfg.cache.dir), measured_key(cfg)
-    with cache.lock(key):
-        entry = cache.load(key)
-        if entry is not None:
-            return dict(entry["metrics"]), True
-        metrics = measure_all(model, model, loaders, example, cfg.measure)
-        cache.save(key, {"metrics": metrics})
-        return metrics, False
 
 
 def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
@@ -195,29 +198,27 @@ def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: t
     return metrics
 
 
+# -- the run ------------------------------------------------------------------------------------------------------
+
+
 def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     """One run; with `export` set, the compressed model is written to `artifact_dir` and checked there."""
     validate(cfg)
     seed_everything(cfg.train.seed)
-    splits, loaders = load_data(cfg)
+    stages = stages_of(cfg)
+    splits, loaders = load_data(cfg, stages)
     model = build_model(cfg, splits)
     initial_state = copy.deepcopy(model.state_dict())
-    base = baseline(cfg, model, loaders)
+    base = baseline(cfg, stages, model, loaders)  # hands on a state re-seeded from train.seed, trained or loaded
     model.load_state_dict(base.state)
     model.cpu().eval()
     example = next(iter(loaders["test"]))[0][:1]
+    reference = baseline_metrics(cfg, stages, model, loaders, example)
 
-    # The baseline as deployed at fp32, measured once per baseline and measurement setting.
-    baseline_metrics, measured_cached = measured(cfg, model, loaders, example)
-
-    # Same random state after the baseline whether it was trained here or loaded: a trial's result must not
-    # depend on whether it was the one that filled the cache.
-    seed_everything(cfg.train.seed)
-    loaders["train"].generator.manual_seed(cfg.train.seed)
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
-    deployed, compressed, prune_cached = compress(cfg, copy.deepcopy(model), ctx)
-    metrics = measure_all(deployed, compressed, loaders, example, cfg.measure)
-    trainable = trainable_parameters(compressed, cfg.train.trainable)  # of the float model: int8 ones train no more
+    deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
+    metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
+    trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more
     metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
 
     if cfg.export != Export.none:
@@ -227,11 +228,10 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
             raise ValueError(f"export={cfg.export.value}: run(cfg, artifact_dir=...) needs a directory to write to")
         metrics.update(export(deployed, example, cfg.export.value, Path(artifact_dir), cfg.quantization))
 
-    metrics["top1_delta"] = metrics["top1"] - baseline_metrics["top1"]
-    metrics["reduction_factor"] = baseline_metrics["size_mb"] / metrics["size_mb"]
-    metrics["reduction_factor_gzip"] = baseline_metrics["size_gzip_mb"] / metrics["size_gzip_mb"]
-    metrics["baseline_top1"] = baseline_metrics["top1"]
-    stages = {"baseline_metrics": measured_cached} | ({} if prune_cached is None else {"prune": prune_cached})
+    metrics["top1_delta"] = metrics["top1"] - reference["top1"]
+    metrics["reduction_factor"] = reference["size_mb"] / metrics["size_mb"]
+    metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
+    metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
-    return RunResult(metrics, base, baseline_metrics, stages, describe_data(splits),
+    return RunResult(metrics, base, reference, dict(stages.cached), describe_data(splits),
                      deployed if kept else None, example if kept else None)

@@ -22,7 +22,10 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pqsweep.config import ConfigError, register, validate
+from pqsweep import environment
+from pqsweep.schema import register
+from pqsweep.checks import ConfigError, refuse_first
+from pqsweep.validate import validate
 
 CONFIG_MODULE = "pqsweep.conf"  # the packaged configs: conf/ (and sweeps/ as its `sweep` group)
 
@@ -94,9 +97,21 @@ def compose(hydra: Hydra, config_name: str, overrides: list[str]) -> DictConfig:
     return hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
 
 
+def with_hydra_values(hydra: Hydra, config_name: str, fixed: list[str], overrides: list[str], cfg: DictConfig):
+    """The config with the command's hydra.* values too (hydra.sweeper.n_jobs=0, hydra.run.dir=...), which `expand`
+    leaves out of the composition the values are checked on; `cfg` where they do not compose (Hydra says why)."""
+    values = [o for o in overrides if o.split("=", 1)[0].startswith("hydra.") and "=" in o
+              and o.split("=", 1)[0] != "hydra.searchpath" and "," not in o.split("=", 1)[1]]
+    try:
+        return compose(hydra, config_name, fixed + values) if values else cfg
+    except Exception:  # noqa: BLE001 - Hydra refuses them itself, in its own words
+        return cfg
+
+
 def check(overrides: list[str], config_name: str = "config", config_dir: str | None = None,
-          require: Callable[[DictConfig], None] | None = None) -> str | None:
-    """Returns the one-line error of the first bad value, or None when every value composes and validates.
+          require: Callable[[DictConfig], None] | None = None, multirun: bool = False) -> str | None:
+    """Returns the one-line error of the first bad value, or None when every value composes and validates and the
+    places and services the command uses can be used (pqsweep.environment).
 
     `require` adds an app's own rule (the sensitivity scan's) to `validate`.
     """
@@ -113,6 +128,7 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
             fixed, sweeps = expand(overrides)
             cfg = compose(hydra, config_name, fixed)
             checked(cfg)
+            refuse_first(environment.checks(with_hydra_values(hydra, config_name, fixed, overrides, cfg), multirun))
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
             return one_line(" ".join(overrides), error, config_name, search)
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
@@ -135,7 +151,7 @@ def preflight(argv: list[str], prog: str = "pqsweep", config_name: str = "config
     args, _ = get_args_parser().parse_known_intermixed_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return  # Hydra answers these itself
-    problem = check(args.overrides, args.config_name or config_name, args.config_dir, require)
+    problem = check(args.overrides, args.config_name or config_name, args.config_dir, require, args.multirun)
     if problem:
         print(f"{prog}: error: {problem}", file=sys.stderr)
         sys.exit(1)

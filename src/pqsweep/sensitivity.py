@@ -26,9 +26,10 @@ import hydra
 from hydra.utils import execution_whitelist, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep import helptext
-from pqsweep.config import TRUSTED_TARGETS, ConfigError, register
+from pqsweep import helptext, interrupts
 from pqsweep.preflight import CONFIG_MODULE, preflight
+from pqsweep.schema import register
+from pqsweep.checks import TRUSTED_TARGETS, ConfigError
 
 log = logging.getLogger("pqsweep.sensitivity")
 register()
@@ -44,11 +45,11 @@ def scannable(cfg: DictConfig) -> None:
 
 def _pruned(model, cfg: DictConfig, ctx, amount: float, layer_amounts: dict | None):
     """A copy of `model` pruned by the configured option at `amount`, with `layer_amounts` for the layers it names."""
-    from hydra.utils import get_method
+    from pqsweep.pruning import prune
 
     node = OmegaConf.create(OmegaConf.to_container(cfg.pruning, resolve=True))  # untyped: takes a mapping
     node.amount, node.layer_amounts = float(amount), layer_amounts
-    return get_method(cfg.pruning._target_)(copy.deepcopy(model), node, ctx)
+    return prune(copy.deepcopy(model), node, ctx)
 
 
 def _signature(model) -> tuple:
@@ -61,36 +62,34 @@ def scan(cfg: DictConfig):
     """The baseline as the pipeline gets it, then top-1 with each layer pruned alone and with every layer pruned,
     at every amount; returns the curves and the chosen {layer: amount}."""
     from pqsweep import measure
-    from pqsweep.cache import CurvesCache, curves_key
-    from pqsweep.config import validate
-    from pqsweep.pipeline import baseline, build_model, load_data
+    from pqsweep.pipeline import baseline, build_model, load_data, stages_of
     from pqsweep.reports.sensitivity import Curves, choose
     from pqsweep.train import Context, seed_everything
+    from pqsweep.validate import validate
 
     validate(cfg)
     scannable(cfg)
     s = cfg.sensitivity
     seed_everything(cfg.train.seed)  # the same initialisation as a pipeline run: the same cached baseline
-    splits, loaders = load_data(cfg)
+    stages = stages_of(cfg)
+    splits, loaders = load_data(cfg, stages)
     model = build_model(cfg, splits)
     initial_state = copy.deepcopy(model.state_dict())
-    base = baseline(cfg, model, loaders)
+    base = baseline(cfg, stages, model, loaders)
     model.load_state_dict(base.state)
     model.cpu().eval()
     loader = loaders[s.split]
     example = next(iter(loader))[0][:1]
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
 
-    cache, key = CurvesCache(cfg.cache.dir), curves_key(cfg)
-    with cache.lock(key):
-        entry = cache.load(key)
-        if entry is not None:
-            log.info("curves %s: loaded from cache %s (pruned nothing)", key, cache.path(key))
-            curves = Curves(entry["baseline_top1"], base.key, base.cached, list(entry["rows"]), dict(entry["info"]),
-                            cached=True)
-        else:
-            curves = measure_curves(cfg, model, loader, ctx, base)
-            cache.save(key, {"baseline_top1": curves.baseline_top1, "rows": curves.rows, "info": curves.info})
+    def saved(curves: Curves) -> dict:
+        return {"baseline_top1": curves.baseline_top1, "rows": curves.rows, "info": curves.info}
+
+    def loaded(entry: dict) -> Curves:
+        return Curves(entry["baseline_top1"], base.key, base.cached, list(entry["rows"]), dict(entry["info"]),
+                      cached=True)
+
+    curves = stages.get("curves", lambda: measure_curves(cfg, model, loader, ctx, base), save=saved, load=loaded)
     chosen = choose(curves, s.tolerance)
     with_chosen = _pruned(model, cfg, ctx, 0.0, chosen)
     curves.chosen = {"chosen_top1": measure.accuracy(with_chosen, loader)["top1"],
@@ -152,7 +151,7 @@ def run_and_log(cfg: DictConfig):
     import mlflow
     from mlflow.entities import Metric
 
-    from pqsweep import tracking
+    from pqsweep import records, tracking
     from pqsweep.reports.sensitivity import plot
 
     tracking.setup(cfg)
@@ -160,8 +159,7 @@ def run_and_log(cfg: DictConfig):
     name = f"sensitivity-{cfg.model.name}-{cfg.dataset.name}-{cfg.pruning.name}"
     with tracking.task_run(name, tags) as active:
         client, run_id = mlflow.MlflowClient(), active.info.run_id
-        groups = ("model", "dataset", "pruning", "train", "sensitivity", "device")
-        tracking.log_batch(client, run_id, params=tracking.flat_params(cfg, groups=groups))
+        tracking.log_batch(client, run_id, params=records.params(cfg, "amounts"))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         curves, amounts = scan(cfg)
         output = write_amounts(amounts, to_absolute_path(cfg.sensitivity.output))  # relative: to the launch dir
@@ -195,7 +193,7 @@ def main() -> None:
         print(helptext.text("pqsweep-sensitivity"), end="")
         return
     preflight(sys.argv[1:], prog="pqsweep-sensitivity", config_name="sensitivity", require=scannable)
-    with execution_whitelist(TRUSTED_TARGETS):  # Hydra's own instantiations: callbacks, sweeper, sampler
+    with interrupts.handled("pqsweep-sensitivity"), execution_whitelist(TRUSTED_TARGETS):  # Hydra's own too
         app()
 
 

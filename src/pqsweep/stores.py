@@ -1,21 +1,37 @@
-"""The MLflow tracking store, created once: processes that first open a fresh SQLite store together lose runs.
+"""The MLflow SQLite store, created whole or not at all, once, whoever else opens it.
 
-MLflow's SqlAlchemyStore builds a new database in its constructor, unlocked: it creates the initial tables, then
-runs the alembic migrations, whenever it finds a table missing. Two processes doing that at the same instant both
-migrate (alembic CommandError, "duplicate column name: step"), or one finds the schema half-migrated ("out-of-date
-database schema"), and the run that process was to log is lost. The parallel trials of a sweep do exactly that.
-So each process opens the store under a file lock beside the database first; the first one creates it, the others
-find it done. A store already at MLflow's schema takes no lock: parallel trials on it start without queueing.
+MLflow's SqlAlchemyStore builds a new database in place, in its constructor, unlocked: it creates the initial tables,
+then runs the alembic migrations. Two processes doing that at once both migrate ("duplicate column name: step"), and
+a process killed or interrupted half-way leaves a store every later run refuses ("table datasets already exists").
+So pqsweep builds a fresh store in a temporary file beside the database and links it into place only when it is
+complete (`os.link` fails where the name exists, so a store another client made meanwhile is never overwritten): a
+kill at any moment leaves either no store or a working one. Under a file lock beside the database, pqsweep processes
+create it once; a store another MLflow client (the UI, a notebook) is creating in place is waited for; a half-made
+one that stopped changing and holds no run is moved aside (`<name>.broken-<UTC time>`, one warning) and made anew.
+A store already at MLflow's schema takes no lock: parallel trials on it start without queueing.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
+import secrets
 import sqlite3
-from contextlib import closing
+import time
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+WAIT = 60.0  # s a store another client is creating may take to reach MLflow's schema
+STALE = 5.0  # s without a change after which a half-made store is taken as abandoned
+
+
+class StoreError(RuntimeError):
+    """A SQLite store pqsweep cannot use as it is; the message is one line that says what to do."""
 
 
 def absolute_uri(uri: str) -> str:
@@ -32,27 +48,74 @@ def sqlite_file(uri: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path).resolve()
 
 
-def at_current_schema(db: Path) -> bool:
-    """True when `db` holds MLflow's tables migrated to the revision this MLflow expects: nothing left to create."""
+def latest_revision() -> str | None:
     try:
         from mlflow.store.db.utils import _get_latest_schema_revision  # what the store's own check compares to
-    except ImportError:  # a later MLflow moved it: take the lock every time, which is merely slower
-        return False
-    if not db.is_file():
-        return False
+    except ImportError:  # a later MLflow moved it: every store reads as not at the schema, which is merely slower
+        return None
+    return _get_latest_schema_revision()
+
+
+def revision(db: Path) -> tuple[str | None, int]:
+    """(the store's alembic revision, how many runs and experiments it holds beyond the Default one); (None, 0) for a
+    file without MLflow's tables yet."""
     try:
         with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.Error:  # no tables yet: another process is creating them, or nobody has
-        return False
-    return row is not None and row[0] == _get_latest_schema_revision()
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone() \
+                if "alembic_version" in tables else None
+            held = sum(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - (table == "experiments")
+                       for table in ("runs", "experiments") if table in tables)
+    except sqlite3.Error:  # not a database, or one being written right now
+        return None, 0
+    return (row[0] if row else None), held
+
+
+def at_current_schema(db: Path) -> bool:
+    """True when `db` holds MLflow's tables migrated to the revision this MLflow expects: nothing left to create."""
+    found = revision(db)[0] if db.is_file() else None
+    return found is not None and found == latest_revision()
 
 
 _PREPARED: set[str] = set()  # SQLite stores this process found or made at MLflow's schema
 
 
+@contextmanager
+def _locked(db: Path) -> Iterator[None]:
+    # Read-only suffices for flock, so a lock file a teammate created (0644 under umask 022) still opens.
+    fd = os.open(db.with_name(f"{db.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _create(db: Path) -> bool:
+    """Build a whole store in a temporary file and link it in as `db`; False where `db` appeared meanwhile."""
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    building = db.with_name(f".{db.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{building}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        store.engine.dispose()
+        os.link(building, db)  # atomic, and refuses to replace a store another client made meanwhile
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        building.unlink(missing_ok=True)  # a kill leaves it: the next creator, holding the lock, removes it
+
+
+def _set_aside(db: Path, why: str) -> None:
+    aside = db.with_name(f"{db.name}.broken-{datetime.now(timezone.utc):%Y%m%dT%H%M%S.%fZ}")
+    os.replace(db, aside)
+    log.warning("MLflow store %s was %s and held no run: moved to %s, making it anew", db, why, aside.name)
+
+
 def prepare_tracking_store(uri: str) -> None:
-    """Create and migrate the SQLite store `uri` names unless it is there already; a no-op for other schemes.
+    """Make the SQLite store `uri` names whole unless it is there already; a no-op for other schemes.
 
     On a store at the current schema this is a read of its revision (~1 ms) and of MLflow's (~15 ms), no lock, and
     once per process: every trial of a sweep in one process would pay it again (28 ms a trial, profiled).
@@ -64,16 +127,31 @@ def prepare_tracking_store(uri: str) -> None:
     if at_current_schema(db):
         _PREPARED.add(uri)
         return
-    from mlflow import MlflowClient  # tracking imports this module; composing a config must not load mlflow
-
     db.parent.mkdir(parents=True, exist_ok=True)
-    # Read-only suffices for flock, so a lock file a teammate created (0644 under umask 022) still opens.
-    fd = os.open(db.with_name(f"{db.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        # Opening the store creates and migrates the schema when it is not there; one who waited finds it done.
-        # MLflow keeps the opened store for the process, so the runs logged next reuse it.
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    finally:
-        os.close(fd)  # closing releases the lock
+    if latest_revision() is None:  # a later MLflow moved its revision: let it open the store as it does itself
+        from mlflow import MlflowClient
+
+        with _locked(db):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        _PREPARED.add(uri)
+        return
+    with _locked(db):
+        for leftover in db.parent.glob(f".{db.name}.creating-*"):  # of a creator that was killed (we hold the lock)
+            leftover.unlink(missing_ok=True)
+        deadline, seen, since = time.monotonic() + WAIT, None, time.monotonic()
+        while not at_current_schema(db):
+            if not db.exists():
+                _create(db)
+                continue
+            state = (revision(db), db.stat().st_size, db.stat().st_mtime_ns)
+            if state != seen:  # another client is still making it
+                seen, since = state, time.monotonic()
+            elif time.monotonic() - since > STALE or time.monotonic() > deadline:
+                (found, held), latest = state[0], latest_revision()
+                if held:
+                    raise StoreError(f"tracking.uri={uri}: the store is at MLflow schema {found}, not {latest}, and "
+                                     f"holds runs; back it up, then run `mlflow db upgrade {uri}`")
+                _set_aside(db, f"left half-made (schema {found})")
+                continue
+            time.sleep(0.2)
     _PREPARED.add(uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pqsweep.config import TRUSTED_TARGETS, ConfigError
+from pqsweep.checks import TRUSTED_TARGETS, ConfigError
 from pqsweep.weights import apply_masks, zero_masks
 
 
@@ -51,6 +52,11 @@ def freeze_all_but(model: nn.Module, prefixes) -> list[nn.Parameter]:
     return [p for _, p in chosen]
 
 
+class Diverged(RuntimeError):
+    """Training went non-finite (its loss, or a weight at the end): one line saying which phase, epoch and step. The
+    settings that shaped it determine it, so the stage records it and fails every trial that needs it at once."""
+
+
 def fit(
     model: nn.Module,
     loader: DataLoader,
@@ -80,23 +86,30 @@ def fit(
     loss_fn = nn.CrossEntropyLoss()
     history = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
-    for _ in bar:
+    for epoch in bar:
         total, count = 0.0, 0
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
+                               f"lower the learning rate")
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step()
-            total += loss.item() * len(y)
+            total += value * len(y)
             count += len(y)
         if scheduler is not None:
             scheduler.step()
         history.append(total / count)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
+    unfinished = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if unfinished is not None:
+        raise Diverged(f"{desc}: {unfinished} holds non-finite values after {epochs} epochs; lower the learning rate")
     return history
 
 

@@ -34,14 +34,21 @@ def l1_filter(model: nn.Module, cfg, ctx) -> nn.Module:
                          keep_tied=bool(cfg.get("keep_tied", False)))
 
 
-def structured_unstructured(model: nn.Module, cfg, ctx) -> nn.Module:
-    """`pruning=structured_unstructured`: l1_filter at `structured`, fine-tune, then global magnitude at
-    `unstructured` of the weights that remain (the 4x4 grid of 002); the pipeline fine-tunes after."""
+def structured_step(model: nn.Module, cfg, ctx) -> nn.Module:
+    """The first step of `pruning=structured_unstructured`: l1_filter at `structured` (per-layer fractions from
+    `layer_amounts`), then fine-tuning. Its option file names it as `structured_step`, so the pipeline runs and caches
+    it as the structured stage, shared by every unstructured amount that follows it (002's 4x4 grid)."""
     layer_amounts = read_layer_amounts(cfg)
     if cfg.structured > 0 or layer_amounts:
         model = prune_filters(model, ctx.example, float(cfg.structured), _scope(cfg), layer_amounts,
                               keep_tied=bool(cfg.get("keep_tied", False)))
         ctx.finetune(model, desc="finetune structured")
+    return model
+
+
+def structured_unstructured(model: nn.Module, cfg, ctx) -> nn.Module:
+    """The second step of `pruning=structured_unstructured`, on the structured step's model: global magnitude at
+    `unstructured` of the weights that remain; the pipeline fine-tunes after (pqsweep.pruning.prune runs both)."""
     return global_magnitude(model, OmegaConf.create({"amount": float(cfg.unstructured)}))
 
 

@@ -99,7 +99,7 @@ def layer_magnitude(model: nn.Module, cfg, ctx=None) -> nn.Module:
     return relowered(model)
 
 
-def random(model: nn.Module, cfg, ctx=None) -> nn.Module:
+def random_weights(model: nn.Module, cfg, ctx=None) -> nn.Module:
     """Random unstructured pruning, the control of every pruning study: round(amount * n) weights over all layers
     (per layer, with `pruning.layer_amounts`), chosen uniformly at random, seeded by `train.seed` (0 without a ctx).
 

@@ -1,58 +1,28 @@
-"""int8 through torch.ao FX graph mode: dynamic and static PTQ, and the calibration and conversion QAT and mixed share.
+"""int8 through torch.ao FX graph mode: static post-training quantization, and the calibration and conversion QAT and
+mixed share.
 
 Every quantizer is `fn(model, cfg, ctx) -> nn.Module`: a CPU model that takes float32 inputs and returns float32
 logits, so evaluation and latency code need not know how it computes inside; static methods calibrate on
 `ctx.loaders["train"]`. torch.ao.quantization is deprecated in favour of torchao but is the flow that converts
-every torchvision model here to real int8 kernels on CPU. `static_int8` with `backend: pt2e` hands over to
-torchao's PT2E flow (`pqsweep.quantization.pt2e`).
+every torchvision model here to real int8 kernels on CPU (pqsweep.quantization.engine quiets its warnings).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from itertools import islice
 
 import torch
 from torch import nn
 
-
-def dynamic_int8(model: nn.Module, cfg, ctx) -> nn.Module:
-    """Post-training dynamic quantization: int8 Linear weights, activations quantized on the fly.
-
-    Only nn.Linear has dynamic int8 kernels; convolutions stay float32 (so a conv net shrinks little).
-    """
-    set_engine(cfg.engine)
-    with quiet_deprecations():
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+from pqsweep.quantization.engine import option_value, quiet_deprecations, set_engine
 
 
-def static_int8(model: nn.Module, cfg, ctx) -> nn.Module:
-    """Post-training static quantization: int8 weights and activations, observers calibrated on
-    `cfg.calibration_batches` training batches, by torch.ao FX or torchao PT2E (`cfg.backend`)."""
-    backend = option_value(cfg.get("backend") or "fx")
-    if backend not in _STATIC_BACKENDS:
-        raise ValueError(f"quantization.backend={backend} is not allowed: must be one of {', '.join(_STATIC_BACKENDS)}")
-    return _STATIC_BACKENDS[backend](model, cfg, ctx)
-
-
-def _static_fx(model: nn.Module, cfg, ctx) -> nn.Module:
+def static_int8_fx(model: nn.Module, cfg, ctx) -> nn.Module:
     """torch.ao FX: fused Conv-BN-ReLU, per-channel or per-tensor weights (`granularity`)."""
     set_engine(cfg.engine)
     with quiet_deprecations():
         return calibrate_and_convert(model, static_mapping(cfg), cfg, ctx)
-
-
-def _static_pt2e(model: nn.Module, cfg, ctx) -> nn.Module:
-    # Imported here: torchao is slow to import and only pt2e runs need it.
-    from pqsweep.quantization.pt2e import static_int8_pt2e
-
-    return static_int8_pt2e(model, cfg, ctx)
-
-
-_STATIC_BACKENDS = {"fx": _static_fx, "pt2e": _static_pt2e}
 
 
 def static_qconfig(cfg):
@@ -73,7 +43,6 @@ def static_mapping(cfg):
     from torch.ao.quantization import get_default_qconfig_mapping
 
     return get_default_qconfig_mapping(option_value(cfg.engine)).set_global(static_qconfig(cfg))
-
 
 
 def calibration_batches(cfg, ctx) -> list[torch.Tensor]:
@@ -104,32 +73,3 @@ def contiguous_before_mean(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.replace_input_with(node.args[0], copy_)
     graph.recompile()
     return graph
-
-
-
-def option_value(option) -> str:
-    """An enum member's value or a plain string (configs built with OmegaConf.create hold strings)."""
-    return option.value if hasattr(option, "value") else str(option)
-
-
-def set_engine(engine) -> None:
-    name = option_value(engine)
-    if name not in torch.backends.quantized.supported_engines:
-        raise RuntimeError(
-            f"quantization.engine={name}: not supported by this torch build "
-            f"(supported: {', '.join(e for e in torch.backends.quantized.supported_engines if e != 'none')})"
-        )
-    torch.backends.quantized.engine = name
-
-
-class quiet_deprecations(warnings.catch_warnings):
-    """torch.ao.quantization warns on import and use that it is deprecated; we know, and say so above."""
-
-    def __enter__(self):
-        super().__enter__()
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
-        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated.*")
-        return self

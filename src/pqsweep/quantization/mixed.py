@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from pqsweep.quantization.fx import calibrate_and_convert, quiet_deprecations, set_engine, static_mapping, static_qconfig
+from pqsweep.quantization.engine import quiet_deprecations, set_engine
+from pqsweep.quantization.fx import calibrate_and_convert, static_mapping, static_qconfig
 from pqsweep.weights import prunable_layers
 
 def mixed(model: nn.Module, cfg, ctx) -> nn.Module:

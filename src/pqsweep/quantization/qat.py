@@ -7,7 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from pqsweep.quantization.fx import calibration_batches, contiguous_before_mean, quiet_deprecations, set_engine, option_value
+from pqsweep.quantization.engine import option_value, quiet_deprecations, set_engine
+from pqsweep.quantization.fx import calibration_batches, contiguous_before_mean
 
 def qat_int8(model: nn.Module, cfg, ctx) -> nn.Module:
     """Quantization-aware fine-tuning: fake-quant weights and activations for `cfg.qat_epochs` epochs at

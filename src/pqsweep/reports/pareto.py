@@ -38,8 +38,8 @@ class Objective:
 
 def parse_objectives(text: str | None, default: list[str]) -> list[Objective]:
     """"top1:max,size_mb:min,latency_ms_p50" -> Objectives; a bare name takes its direction from
-    pqsweep.config.METRICS, the one table of which way each metric is better. None -> the `default` names."""
-    from pqsweep.config import METRICS  # torch-free; imported here so the module stays a leaf
+    pqsweep.metrics, the one table of which way each metric is better. None -> the `default` names."""
+    from pqsweep.metrics import METRICS  # torch-free; imported here so the module stays a leaf
 
     items = default if text is None else [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -54,8 +54,8 @@ def parse_objectives(text: str | None, default: list[str]) -> list[Objective]:
             if suffix not in DIRECTIONS:
                 raise ValueError(f"objective {item!r}: direction must be max or min")
             direction = DIRECTIONS[suffix]
-        elif METRICS.get(name):
-            direction = METRICS[name]
+        elif name in METRICS and METRICS[name].direction:
+            direction = METRICS[name].direction
         else:
             raise ValueError(f"objective {name!r} has no known direction; write {name}:max or {name}:min")
         if any(o.name == name for o in objectives):

@@ -21,7 +21,7 @@ class Curves:
     baseline_cached: bool
     rows: list[dict] = field(default_factory=list)  # {layer, amount, top1, top1_drop}; drop > 0 is worse
     info: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer -> (module class, weight count)
-    cached: bool = False  # the curves came from the stage cache (pqsweep.cache.CurvesCache): nothing was pruned
+    cached: bool = False  # the curves came from the stage cache (the curves stage, pqsweep.cache): nothing was pruned
 
     def add(self, layer: str, amount: float, top1: float) -> None:
         self.rows.append({"layer": layer, "amount": amount, "top1": top1, "top1_drop": self.baseline_top1 - top1})
