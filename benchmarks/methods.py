@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from pqsweep.config import register
+from pqsweep.schema import register
 from pqsweep.pipeline import run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

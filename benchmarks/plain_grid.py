@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
-from pqsweep.config import MeasureConfig  # the same number of latency calls as pqsweep's defaults
+from pqsweep.schema import MeasureConfig  # the same number of latency calls as pqsweep's defaults
 from pqsweep.data import mnist5k  # plain functions of torch and numpy: the same images and split
 from pqsweep.models import small_cnn  # the same net
 

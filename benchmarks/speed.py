@@ -45,7 +45,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqsweep import measure, pipeline
-from pqsweep.config import register, validate
+from pqsweep.schema import register
+from pqsweep.validate import validate
 from pqsweep.preflight import CONFIG_MODULE
 from pqsweep.quantization.sparse import MAX_DENSITY, CsrConv2d, CsrLinear, sparsify
 from pqsweep.train import Context, fit, seed_everything
@@ -87,7 +88,7 @@ class Case:
         ctx = Context(self.loaders, self.example, cfg.train, cfg.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices, torch.export's chatter
-            deployed, float_model, _ = pipeline.compress(cfg, copy.deepcopy(self.model), ctx)
+            deployed, float_model = pipeline.compress(cfg, pipeline.stages_of(cfg), copy.deepcopy(self.model), ctx)
         return deployed.eval(), float_model.eval()
 
 
@@ -339,7 +340,7 @@ SETTINGS = [(10, 50), (10, 100), (20, 200)]  # (warmup, repeats) candidates; Mea
 def stability(quick: bool, n: int | None = None) -> None:
     """measure.latency as the pipeline calls it (MeasureConfig's threads), `n` times per setting, the settings
     interleaved; IQR / median of the p50s it reports."""
-    from pqsweep.config import MeasureConfig
+    from pqsweep.schema import MeasureConfig
 
     default = (MeasureConfig.warmup, MeasureConfig.repeats)
     settings = list(dict.fromkeys([default, *SETTINGS]))

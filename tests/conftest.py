@@ -49,6 +49,19 @@ def keep_quantized_engine():
     torch.backends.quantized.engine = engine
 
 
+@pytest.fixture
+def recorded_latency(monkeypatch):
+    """measure.latency replaced by a recorder of its arguments (the timing itself is measure.py's to test)."""
+    calls = []
+
+    def latency(model, example, threads, warmup, repeats):
+        calls.append((model, example, threads, warmup, repeats))
+        return {"latency_ms_p50": 1.0, "latency_ms_p90": 2.0}
+
+    monkeypatch.setattr("pqsweep.measure.latency", latency)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The embedded digits splits (8x8, 10 classes) as the pipeline loads them."""

@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pqsweep import measure, models
-from pqsweep.config import register
+from pqsweep.cache import store
+from pqsweep.identity import stage_key
 from pqsweep.preflight import CONFIG_MODULE
+from pqsweep.schema import register
 from pqsweep.train import Context
 
 # The configs the installed app loads (pkg://pqsweep.conf; in a checkout, src/pqsweep/conf links to conf/).
@@ -68,6 +70,16 @@ def quantize(name: str, model: nn.Module, ctx: Context | None, *overrides: str) 
     """`model` through the real `quantization=<name>` (plus `quantization.` overrides), as the pipeline calls it."""
     cfg = option("quantization", name, *overrides)
     return get_method(cfg._target_)(copy.deepcopy(model).eval(), cfg, ctx)
+
+
+def stage_path(cfg: DictConfig, stage: str) -> Path:
+    """Where a run of `cfg` keeps stage `stage`'s cache entry."""
+    return store(cfg, stage).path(stage_key(cfg, stage))
+
+
+def stage_entry(cfg: DictConfig, stage: str) -> dict | None:
+    """Stage `stage`'s cache entry for `cfg`, as the stage machinery reads it (None where there is none)."""
+    return store(cfg, stage).load(stage_key(cfg, stage))
 
 
 # --- data and the Context a method is handed ---------------------------------------------------------------------

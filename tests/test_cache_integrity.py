@@ -8,11 +8,14 @@ import random
 
 import pytest
 import torch
+from faults import injects
 
 from pqsweep import data, pipeline
-from pqsweep.cache import BaselineCache, DataCache, baseline_key, data_key
+from pqsweep.cache import Store, store
+from pqsweep.identity import stage_key
+from pqsweep.stages import STAGES
 
-STAGES = {"baseline": (BaselineCache, baseline_key), "data": (DataCache, data_key)}
+CACHED = ["baseline", "data"]
 BREAKAGES = {
     "truncated": lambda good: good[: len(good) // 2],  # a writer killed mid-copy, a full disk
     "garbage": lambda good: random.Random(0).randbytes(len(good)),
@@ -32,12 +35,14 @@ def warnings_of(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", CACHED)
+@injects('a cache entry truncated, garbage or empty',
+         'moved aside as `<name>.corrupt-<time>` with one warning, and computed again; the trial is the same',
+         'the time to compute it again')
 def test_a_broken_entry_is_set_aside_and_recomputed(cached_cfg, stage, breakage, caplog, monkeypatch):
     cfg, first = cached_cfg
-    kind, key_of = STAGES[stage]
-    cache = kind(cfg.cache.dir)
-    path = cache.path(key_of(cfg))
+    cache = store(cfg, stage)
+    path = cache.path(stage_key(cfg, stage))
     broken = BREAKAGES[breakage](path.read_bytes())
     path.write_bytes(broken)
 
@@ -50,14 +55,14 @@ def test_a_broken_entry_is_set_aside_and_recomputed(cached_cfg, stage, breakage,
     assert str(path) in warning and "\n" not in warning
     (aside,) = cache.dir.glob(f"{path.name}.corrupt-*")
     assert aside.read_bytes() == broken  # kept for a post-mortem, not destroyed
-    assert cache.load(key_of(cfg)) is not None  # written again, readable
+    assert cache.load(stage_key(cfg, stage)) is not None  # written again, readable
     assert result.baseline.cached == (stage != "baseline")
     assert len(built) == (stage == "data")  # only the broken stage was recomputed
     assert result.metrics["top1"] == first["top1"]  # the same trial as with the intact cache
 
 
 def test_an_entry_without_the_fields_its_reader_takes_is_set_aside(tmp_path, caplog):
-    cache = BaselineCache(tmp_path)
+    cache = Store(tmp_path, "baseline", STAGES["baseline"].holds)
     cache.save("k", {"state_dict": {"w": torch.ones(2)}})  # written before `history` was stored, say
     caplog.set_level(logging.WARNING)
     assert cache.load("k") is None
@@ -68,7 +73,7 @@ def test_an_entry_without_the_fields_its_reader_takes_is_set_aside(tmp_path, cap
 
 def test_an_entry_replaced_while_it_was_read_is_left_alone(tmp_path, caplog, monkeypatch):
     """load_splits looks up outside the lock: the good entry another process saved meanwhile must stay."""
-    cache = DataCache(tmp_path)
+    cache = Store(tmp_path, "data", STAGES["data"].holds)
     cache.path("k").write_bytes(b"")
     real_load = torch.load
 
@@ -86,7 +91,7 @@ def test_an_entry_replaced_while_it_was_read_is_left_alone(tmp_path, caplog, mon
 
 @pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o022, 0o644), (0o077, 0o600)], ids=["002", "022", "077"])
 def test_entries_and_locks_get_the_umask_permissions(tmp_path, umask, mode):
-    cache = BaselineCache(tmp_path)
+    cache = Store(tmp_path, "baseline", STAGES["baseline"].holds)
     previous = os.umask(umask)
     try:
         cache.save("k", {"state_dict": {}, "history": []})

@@ -13,7 +13,11 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from pqsweep import cli, pipeline
-from pqsweep.config import METRICS, OBJECTIVES, ConfigError, Engine, TrainConfig, directions, validate
+from pqsweep.metrics import METRICS, OBJECTIVES, directions
+from pqsweep.options import Engine
+from pqsweep.schema import TrainConfig
+from pqsweep.checks import ConfigError
+from pqsweep.validate import validate
 from pqsweep.preflight import check
 
 from nets import compose_cfg, options, write_cifar10, write_data_sets
@@ -50,6 +54,8 @@ def test_option_composes_with_the_defaults_validates_and_its_targets_resolve(gro
     cfg = compose_cfg(f"{group}={option}", hydra=True)
     if cfg.model.min_image_size > cfg.dataset.image_size:  # alexnet and vgg16_bn need more than digits' 8 px
         cfg = compose_cfg(f"{group}={option}", f"dataset.resize={cfg.model.min_image_size}", hydra=True)
+    if cfg.quantization.needs_zeros and not cfg.pruning.zeroes_weights:  # sparse stores the zeros pruning leaves
+        cfg = compose_cfg(f"{group}={option}", "pruning=global_magnitude", hydra=True)
     validate(cfg)
     # every interpolation resolves (but Hydra's own node's, like ${now:}, which need a running app)
     OmegaConf.to_container(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]), resolve=True)
@@ -105,8 +111,10 @@ def test_model_builds_and_runs_a_forward_pass(model, dataset):
 # `stored_weights` fact in a file fails this test: these three change float weights (fine-tuning between rounds,
 # removing filters), which a quantized model does not have.
 FLOAT_ONLY_PRUNING = {"iterative", "l1_filter", "structured_unstructured"}
-# and this one stores the zeros pruning made (CSR), so it cannot come before the pruning
+# and this one stores the zeros pruning made (CSR), so it cannot come before the pruning, nor after one that leaves
+# no zeros: these two remove nothing, or whole filters
 AFTER_PRUNING_ONLY = {"sparse"}
+NO_ZEROS_PRUNING = {"none", "l1_filter"}
 
 
 @pytest.mark.parametrize("order", ["prune_then_quantize", "quantize_then_prune"])
@@ -126,6 +134,12 @@ def test_every_pruning_and_quantization_pair_validates_or_is_refused_in_one_line
         assert str(error.value) == (f"pruning={pruning} is not allowed: must be an option that prunes stored weights "
                                     "(its option file says stored_weights: true) with "
                                     "quantization.order=quantize_then_prune")
+    elif quantization in AFTER_PRUNING_ONLY and pruning in NO_ZEROS_PRUNING:
+        with pytest.raises(ConfigError) as error:
+            validate(cfg)
+        assert str(error.value) == (f"pruning={pruning} is not allowed: must be an option that leaves zeros among "
+                                    f"the weights (its option file says zeroes_weights: true) with "
+                                    f"quantization={quantization}, which stores them")
     else:
         validate(cfg)
 
@@ -147,6 +161,17 @@ def test_objectives_take_their_directions_from_the_metrics():
     assert directions(["top1", "size_mb", "latency_ms_p50", "sparsity"]) == ["maximize", "minimize", "minimize",
                                                                              "maximize"]
     assert "latency_threads" in METRICS and "latency_threads" not in OBJECTIVES  # a setting, not a goal
+
+
+def test_the_readmes_metrics_section_is_the_metrics_table():
+    from pathlib import Path
+
+    from pqsweep.metrics import markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Metrics (MLflow metric names)\n", 1)[1].split("\n## ", 1)[0]
+    assert markdown() in section, "README's Metrics section: paste `python -m pqsweep.metrics`"
+    assert section.count("\n- `") == len(METRICS)  # no metric described there that the table does not have
     sweep = compose_cfg("sweep=mnist_cnn_sparsity_x_precision", hydra=True)
     assert list(sweep.study.objectives) == ["top1", "size_gzip_mb"]  # a size that counts the zeros
     assert sweep.hydra.sweeper._target_ == "pqsweep.sweeper.OptunaSweeper"
@@ -192,10 +217,16 @@ OUT_OF_RANGE = [
     ([], "sensitivity.tolerance=-1"),
     ([], "sensitivity.split=test"),
     ([], "device=tpu"),
+    # an option's own facts: a key it ignores, zeros it needs, a format it cannot be written as, too few images
+    ([], "pruning.amount=0.5"),
+    (["pruning=structured_unstructured"], "pruning.amount=0.5"),
+    (["quantization=sparse"], "pruning=l1_filter"),
+    (["quantization=dynamic_int8"], "export=onnx"),
+    ([], "dataset.num_samples=49"),
 ]
 AT_THE_EDGE = [
     ([], "pruning.amount=0"),
-    ([], "pruning.amount=0.99"),
+    (["pruning=global_magnitude"], "pruning.amount=0.99"),
     (["pruning=iterative"], "pruning.rounds=1"),
     (["pruning=iterative"], "pruning.round_epochs=0"),
     (["pruning=structured_unstructured"], "pruning.structured=0"),
@@ -227,6 +258,9 @@ AT_THE_EDGE = [
     ([], "measure.repeats=2"),
     ([], "sensitivity.tolerance=0"),
     ([], "sensitivity.split=train"),
+    ([], "dataset.num_samples=50"),
+    (["quantization=static_int8", "quantization.backend=pt2e"], "export=onnx"),
+    (["pruning=random"], "quantization=sparse"),
 ]  # device=cuda[:N] is accepted where a GPU is visible: test_bad_input, with a fake count of them
 
 
@@ -289,7 +323,7 @@ BAD_INPUT = {
                                    ["pruning.layer_amounts=/nonexistent/amounts.yaml", "existing YAML file"]),
     "misspelt key": (["train.epoch=3"], ["train.epoch", "epochs"]),
     "wrong type": (["train.epochs=abc"], ["train.epochs", "abc"]),
-    "bad grid value": (["pruning.amount=0,0.5,1.2"], ["pruning.amount=1.2 is not allowed"]),
+    "bad grid value": (["pruning=global_magnitude", "pruning.amount=0,0.5,1.2"], ["pruning.amount=1.2 is not allowed"]),
     "bad grid option": (["quantization=none,fp8"], ["quantization=fp8", *options("quantization")]),
     "bad range value": (["train.epochs=range(-1,2)"], ["train.epochs=-1 is not allowed"]),
     "unknown sweep": (["sweep=nope"], ["sweep=nope", *options("sweep")]),
@@ -321,6 +355,7 @@ def test_preflight_passes_good_input(overrides):
 SWEEP_WITH_BAD_GRID = """\
 # @package _global_
 defaults:
+  - override /pruning: global_magnitude
   - override /hydra/sweeper: pqsweep
   - override /hydra/sweeper/sampler: grid
 hydra:
@@ -353,7 +388,7 @@ def test_preflight_checks_a_sweep_files_own_grid_from_the_users_configs(own_conf
 
 @pytest.mark.parametrize("override", ["quantization=glob(*)", "model=glob(resnet*)"])
 def test_preflight_accepts_glob_sweeps_over_a_group(override):
-    assert check([override]) is None
+    assert check(["pruning=global_magnitude", override]) is None  # sparse, among quantization's, needs its zeros
 
 
 def test_preflight_reports_an_unparsable_override_in_one_line():
@@ -395,7 +430,7 @@ def test_the_papers_recipes_are_what_the_papers_state():
 
 
 def test_the_fine_tuning_lr_is_resolved_so_the_logged_value_is_the_one_that_trains():
-    from pqsweep.tracking import flat_params
+    from pqsweep.records import params as flat_params
 
     assert flat_params(compose_cfg())["train.finetune_lr"] == "0.0001"  # a tenth of Adam's 1e-3, never "None"
     assert flat_params(compose_cfg("train.optimizer.lr=0.05"))["train.finetune_lr"] == "0.005"

@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from pqsweep import pipeline
-from pqsweep.cache import DataCache, data_key
+from pqsweep.identity import stage_key
+
+from nets import stage_path
+
+
+def data_key(cfg) -> str:
+    return stage_key(cfg, "data")
 
 
 def test_second_load_comes_from_the_cache_and_is_identical(make_cfg, monkeypatch):
     cfg = make_cfg("dataset=digits")
     built = pipeline.load_splits(cfg)
-    assert DataCache(cfg.cache.dir).path(data_key(cfg)).is_file()
+    assert stage_path(cfg, "data").is_file()
 
     def no_build(_):
         raise AssertionError("the builder ran although its splits were cached")
@@ -33,6 +39,7 @@ def test_the_key_follows_what_shapes_the_splits(make_cfg):
     assert data_key(make_cfg("dataset=digits", "dataset.val_fraction=0.2")) != base
     assert data_key(make_cfg("dataset=mnist5k")) != base
     assert data_key(make_cfg("dataset=digits", "dataset.download=true")) == base  # downloading changes no data
+    assert data_key(make_cfg("dataset=digits", "dataset.root=/elsewhere")) == base  # nor where the files lie
     assert data_key(make_cfg("dataset=digits", "train.seed=3", "model=resnet18_cifar")) == base
 
 
@@ -40,4 +47,4 @@ def test_the_key_follows_what_shapes_the_splits(make_cfg):
 def test_sets_read_from_files_are_not_copied_into_the_cache(make_cfg, dataset):
     cfg = make_cfg(f"dataset={dataset}")
     pipeline.load_splits(cfg)
-    assert not DataCache(cfg.cache.dir).path(data_key(cfg)).exists()
+    assert not stage_path(cfg, "data").exists()

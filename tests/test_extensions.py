@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pqsweep.config import register
+from pqsweep.schema import register
 from pqsweep.preflight import check
 from nets import experiment_ids
 
@@ -234,6 +234,7 @@ def test_the_cli_lists_their_pruner_when_a_pruning_option_is_misspelt(own, tmp_p
 def test_their_model_data_and_pruner_run_end_to_end(own, tmp_path, how, amount):
     """amount None: their option file's own 0.5; 0.75 from the command line."""
     extra = [] if amount is None else [f"pruning.amount={amount}"]
+    (tmp_path / "out").mkdir()  # the store's folder: a store in one that does not exist is refused
     done = pqsweep(own, tmp_path, *where(own, how), *OWN, *extra, "train.epochs=3", "train.optimizer.lr=0.01",
                    "train.finetune_epochs=1", "measure.warmup=1", "measure.repeats=3", *paths(tmp_path))
     assert done.returncode == 0, done.stderr[-4000:]

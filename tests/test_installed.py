@@ -154,7 +154,7 @@ def test_the_installed_app_composes_its_packaged_config(installed):
     assert cfg["dataset"]["_target_"] == "pqsweep.data.digits"
     assert cfg["pruning"]["name"] == "none" and cfg["quantization"]["name"] == "none"
     assert CHECKOUT_SRC not in done.stderr
-    for module_file in ["pqsweep/cli.py", "pqsweep/preflight.py", "pqsweep/config.py",
+    for module_file in ["pqsweep/cli.py", "pqsweep/preflight.py", "pqsweep/validate.py",
                         "hydra_plugins/pqsweep_sweeper/__init__.py"]:
         assert _modules_loaded_from(done.stderr, module_file) == {str(installed.site / module_file)}, module_file
 
@@ -163,7 +163,8 @@ def test_the_installed_app_composes_a_packaged_sweep_file(installed):
     # resolved: a paper sweep writes its scale-dependent values as ${paper_cpu:..} (scale=cpu by default)
     job = yaml.safe_load(installed.pqsweep("--cfg", "job", "--resolve", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_gzip_mb"],
-                            "storage": None, "trial": None, "constraints": []}  # default store: optuna.journal
+                            "storage": None, "constraints": []}  # default store: optuna.journal
+    assert job["launch"] == {"trial": None, "run_id": None}  # the sweeper sets them for each trial it launches
     assert job["dataset"]["name"] == "mnist5k" and job["pruning"]["name"] == "global_magnitude"  # its experiment
     sweeper = yaml.safe_load(installed.pqsweep("--cfg", "hydra", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     sweeper = sweeper["hydra"]["sweeper"]
@@ -175,6 +176,7 @@ def test_the_installed_app_composes_a_packaged_sweep_file(installed):
 
 def test_the_installed_app_runs_and_logs_a_finished_run(installed):
     out = installed.root / "run"
+    out.mkdir()  # the store's folder: a store in one that does not exist is refused
     done = installed.pqsweep(
         "train.epochs=0", "measure.warmup=1", "measure.repeats=3", f"tracking.uri=sqlite:///{out}/mlflow.db",
         f"cache.dir={out}/cache", f"hydra.run.dir={out}/outputs", env={"PYTHONVERBOSE": "1"})

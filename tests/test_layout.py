@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 # What only a run needs. None of it may load to compose a config, check a command line, or refuse one.
 HEAVY = {"torch", "torchvision", "sklearn", "mlflow", "torchao", "onnx", "onnxruntime", "onnxscript",
-         "torch_pruning", "mlxtend", "matplotlib"}
+         "torch_pruning", "mlxtend", "matplotlib", "optuna", "sqlalchemy"}
 
 
 # --- the import graph ---------------------------------------------------------------------------------------------
@@ -222,16 +222,19 @@ def test_graph_helpers_see_a_cycle_closed_inside_a_function(tmp_path):
 def test_the_layout_is_the_promised_one():
     """The modules the README and the docs name exist where they say (a rename must update them)."""
     expected = {"pqsweep." + m for m in [
-        "cli", "preflight", "config", "sweeper", "weights", "data", "models", "train", "measure", "export", "cache",
-        "pipeline", "tracking", "sensitivity", "conf",
-        "pruning.unstructured", "pruning.structured", "pruning.iterative",
-        "quantization.cast", "quantization.fx", "quantization.qat", "quantization.mixed", "quantization.pt2e",
-        "quantization.fake_quant", "quantization.weight_only", "reports.table", "reports.sensitivity"]}
+        "cli", "preflight", "environment", "checks", "schema", "options", "validate", "identity", "stages", "metrics", "weights", "data", "models",
+        "train", "measure", "export", "cache", "pipeline", "trial", "tracking", "records", "sensitivity", "conf",
+        "sweeper", "sweeper.space", "sweeper.study", "sweeper.ledger", "sweeper.command", "sweeper.loop",
+        "sweeper.watch",
+        "pruning", "pruning.unstructured", "pruning.structured", "pruning.iterative",
+        "quantization.cast", "quantization.engine", "quantization.dynamic", "quantization.static", "quantization.fx",
+        "quantization.qat", "quantization.mixed", "quantization.pt2e", "quantization.fake_quant",
+        "quantization.weight_only", "quantization.sparse", "reports.table", "reports.sensitivity"]}
     assert expected <= set(MODULES), sorted(expected - set(MODULES))
     assert "hydra_plugins.pqsweep_sweeper" in MODULES
     # the graph reads real imports: the CLI's own, at the top and inside a function
     assert {(e.target, e.deferred) for e in EDGES if e.source == "pqsweep.cli"} >= {
-        ("pqsweep.preflight", False), ("pqsweep.config", False), ("pqsweep.tracking", True)}
+        ("pqsweep.preflight", False), ("pqsweep.checks", False), ("pqsweep.trial", True)}
 
 
 def test_no_import_cycle_inside_the_package():
@@ -248,12 +251,22 @@ LAYERS = [
     # (modules, what none of them may import, directly or through other pqsweep modules)
     (_in("pqsweep.pruning", "pqsweep.quantization"),
      ("pqsweep.pipeline", "pqsweep.cli", "pqsweep.tracking", "pqsweep.reports", "pqsweep.sensitivity")),
-    (_in("pqsweep.pipeline"), ("pqsweep.cli", "pqsweep.tracking", "pqsweep.reports")),
-    (_in("pqsweep.reports"), ("pqsweep.cli", "pqsweep.sensitivity")),
+    (_in("pqsweep.pipeline"), ("pqsweep.cli", "pqsweep.tracking", "pqsweep.records", "pqsweep.trial",
+                               "pqsweep.reports")),
+    (_in("pqsweep.reports"), ("pqsweep.cli", "pqsweep.sensitivity", "pqsweep.pipeline", "pqsweep.trial")),
+    # MLflow's side records what the trial hands it: it never drives the pipeline
+    (_in("pqsweep.tracking", "pqsweep.records"), ("pqsweep.pipeline", "pqsweep.trial", "pqsweep.cli")),
+    # the declarations and the schema know no stage's work, and the search space no store
+    (_in("pqsweep.identity", "pqsweep.stages", "pqsweep.schema", "pqsweep.options", "pqsweep.validate",
+         "pqsweep.metrics", "pqsweep.checks", "pqsweep.environment"),
+     ("pqsweep.cache", "pqsweep.pipeline", "pqsweep.tracking", "pqsweep.sweeper", "pqsweep.train")),
+    (_in("pqsweep.sweeper.space"), ("pqsweep.tracking", "pqsweep.sweeper.study", "pqsweep.sweeper.ledger",
+                                    "pqsweep.sweeper.loop", "pqsweep.pipeline")),
 ]
 
 
-@pytest.mark.parametrize("members, forbidden", LAYERS, ids=["methods", "pipeline", "reports"])
+@pytest.mark.parametrize("members, forbidden", LAYERS,
+                         ids=["methods", "pipeline", "reports", "tracking", "declarations", "search_space"])
 def test_layers_import_one_way(members, forbidden):
     sources = sorted(m for m in MODULES if members(m))
     assert sources
@@ -270,12 +283,12 @@ def test_layers_import_one_way(members, forbidden):
 
 CHECKS = textwrap.dedent("""
     import json, sys
-    from pqsweep.config import register
+    from pqsweep.schema import register
     register()  # check() composes against the schemas in Hydra's ConfigStore (pqsweep.cli registers them on import)
     from pqsweep.preflight import check
     results = {
         "valid": check(["pruning=global_magnitude", "pruning.amount=0.5", "quantization=static_int8"]),
-        "grid": check(["pruning.amount=0,0.9", "quantization=none,fp16"]),
+        "grid": check(["pruning=global_magnitude", "pruning.amount=0,0.9", "quantization=none,fp16"]),
         "sweep file": check(["sweep=mnist_cnn_sparsity_x_precision"]),
         "typo": check(["pruning=global_magnitud"]),
     }
@@ -327,7 +340,9 @@ def test_the_command_imports_nothing_heavy_before_a_run(tmp_path, arguments, cod
     profiled = {m.group(1) for m in map(PROFILED.match, lines) if m}
     loaded = {m.group(1) for m in map(VERBOSE.match, lines) if m}
     assert {"hydra", "omegaconf"} <= _roots(profiled)  # the profile was read: it names what did load
-    assert {"pqsweep.cli", "pqsweep.preflight", "pqsweep.config"} <= loaded
+    assert {"pqsweep.cli", "pqsweep.preflight", "pqsweep.validate", "pqsweep.identity"} <= loaded
+    if arguments != ["--help"]:  # Hydra ran, and found the sweeper plugin: its discovery imports no Optuna
+        assert "hydra_plugins.pqsweep_sweeper" in loaded and "pqsweep.sweeper" in loaded
     heavy = (_roots(profiled) | _roots(loaded)) & HEAVY
     assert not heavy, f"pqsweep {' '.join(arguments)} imported {sorted(heavy)}"
     if code:

@@ -11,7 +11,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from pqsweep.reports import paper, table
+from pqsweep.reports import paper, report
 
 SWEEP = "mnist_cnn_sparsity_x_precision"  # the make run grid: seed 004's Table I at cpu scale
 
@@ -66,7 +66,7 @@ def test_the_report_prints_the_papers_rows_and_columns_with_ours_and_the_differe
                                                   Param("train.seed", str(seed))],
                          metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
         client.set_terminated(run.info.run_id, "FINISHED")
-    table.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "004_e4042dc0bebbda7b.txt, Table I:" in out and "004_e4042dc0bebbda7b.txt, Table III:" in out
     section = out.split("Table I:")[1].split("Table III:")[0]

@@ -17,10 +17,12 @@ from nets import compose_cfg, grid_points
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from pqsweep.config import METRICS, ConfigError, validate
+from pqsweep.metrics import METRICS
+from pqsweep.checks import ConfigError
+from pqsweep.validate import validate
 from pqsweep.models import resnet18
-from pqsweep.reports import paper, table
-from pqsweep.tracking import flat_params
+from pqsweep.reports import paper, report
+from pqsweep.records import params as flat_params
 from pqsweep.train import fit, trainable_parameters
 
 PAPER = "000_8199fa500cf6f522.txt"
@@ -49,7 +51,7 @@ def test_the_sweep_files_compose_at_both_scales(sweep, model, trainable, points,
     cfg = compose_cfg(f"sweep={sweep}", f"scale={scale}", hydra=True)
     paper_scale = scale == "paper"
     assert cfg.study.name == sweep + ("_paper" if paper_scale else "")  # the report finds the .paper.csv for both
-    assert list(cfg.study.objectives) == ["top1", "size_mb"] and all(METRICS[m] for m in cfg.study.objectives)
+    assert list(cfg.study.objectives) == ["top1", "size_mb"] and all(METRICS[m].direction for m in cfg.study.objectives)
     assert cfg.model.name == model and cfg.model.pretrained is paper_scale  # ImageNet weights: paper only
     assert cfg.dataset._target_ == ("pqsweep.data.cifar10" if paper_scale else "pqsweep.data.fake")
     assert cfg.dataset.resize == 224  # the paper's resolution at both scales
@@ -160,7 +162,7 @@ def test_the_report_prints_fig_12_with_ours_beside_the_papers(tmp_path, capsys):
         client.log_batch(r.info.run_id, params=[Param(k, v) for k, v in params.items()],
                          metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
         client.set_terminated(r.info.run_id, "FINISHED")
-    table.main([RESNET, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([RESNET, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     section = out.split(f"{PAPER}, Fig. 12:")[1]
     header = section.splitlines()[1]
@@ -237,11 +239,12 @@ def test_a_trainable_prefix_that_names_no_module_is_refused_in_one_line():
 
 
 def test_trainable_is_in_the_baseline_key():
-    from pqsweep.cache import baseline_key, pruned_key
+    from pqsweep.identity import stage_keys
 
     base = compose_cfg("model=resnet18", "dataset=fake")
     frozen = compose_cfg("model=resnet18", "dataset=fake", "train.trainable=[layer3,layer4,fc]")
-    assert baseline_key(base) != baseline_key(frozen) and pruned_key(base) != pruned_key(frozen)
+    base, frozen = stage_keys(base), stage_keys(frozen)
+    assert base["baseline"] != frozen["baseline"] and base["prune"] != frozen["prune"]
 
 
 # -- structural cells (tests/test_structural.py has the fp32 ones and the ResNet-18's static int8 11.31 MB) ----------

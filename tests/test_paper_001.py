@@ -13,10 +13,12 @@ from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
 from nets import compose_cfg, grid_points
 
-from pqsweep.config import METRICS, Order, validate
+from pqsweep.metrics import METRICS
+from pqsweep.options import Order
+from pqsweep.validate import validate
 from pqsweep.pipeline import run
-from pqsweep.reports import paper, table
-from pqsweep.tracking import flat_params
+from pqsweep.reports import paper, report
+from pqsweep.records import params as flat_params
 
 SWEEP = "resnet18_imagenet_ptq_then_prune"
 TABLES = ["Table 1", "Table 2", "Table 3", "Table 4", "Table 5"]
@@ -40,7 +42,7 @@ def test_the_sweep_file_composes_at_both_scales(scale):
     cfg = compose_cfg(f"sweep={SWEEP}", f"scale={scale}", hydra=True)
     paper_scale = scale == "paper"
     assert cfg.study.name == SWEEP + ("_paper" if paper_scale else "")  # the report finds the .paper.csv for both
-    assert list(cfg.study.objectives) == ["top5", "size_mb"] and all(METRICS[m] for m in cfg.study.objectives)
+    assert list(cfg.study.objectives) == ["top5", "size_mb"] and all(METRICS[m].direction for m in cfg.study.objectives)
     assert cfg.model.name == "resnet18" and cfg.model.pretrained is paper_scale  # torchvision's weights: paper only
     assert cfg.dataset._target_ == ("pqsweep.data.imagenet" if paper_scale else "pqsweep.data.fake")
     assert cfg.dataset.image_size == 224  # the paper's resolution at both scales
@@ -127,7 +129,7 @@ def test_the_report_prints_tables_1_to_5_with_ours_beside_the_papers(tmp_path, c
         client.log_batch(r.info.run_id, params=[Param(k, v) for k, v in params.items()],
                          metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
         client.set_terminated(r.info.run_id, "FINISHED")
-    table.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     sections = {name: out.split(f"001_17951392d90394c9.txt, {name}:")[1].split("001_17951392d90394c9.txt")[0]
                 for name in TABLES}

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from pqsweep import measure, models
 from pqsweep.pruning.structured import prune_filters
-from pqsweep.reports import paper, table
+from pqsweep.reports import paper, report
 
 GRID = "resnet18_cifar10_structured_x_unstructured_x_precision"
 STRUCTURED = "resnet18_cifar10_structured_pruning"
@@ -175,7 +175,7 @@ def test_the_report_prints_the_papers_tables_with_ours_and_the_difference(tmp_pa
                                  Param("train.seed", str(seed))],
                          metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
         client.set_terminated(run.info.run_id, "FINISHED")
-    table.main([GRID, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([GRID, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     best = out.split(f"{SOURCE}, Quantization after Pruning Examples:")[1].split("Post Quantization")[0].splitlines()
     assert "Struc. Prun. paper" in best[1] and "Score ours" in best[1] and "Accuracy Δ" in best[1]

@@ -16,10 +16,11 @@ from mlflow.tracking import MlflowClient
 from nets import compose_cfg, grid_points, write_data_sets
 
 from pqsweep import measure, models
-from pqsweep.config import METRICS, validate
-from pqsweep.reports import paper, table
+from pqsweep.metrics import METRICS
+from pqsweep.validate import validate
+from pqsweep.reports import paper, report
 from pqsweep.sensitivity import scannable
-from pqsweep.tracking import flat_params
+from pqsweep.records import params as flat_params
 
 PRUNE_INT8 = "compact_alexnet_cifar10_fmnist_prune_int8"  # Tables 1-4
 OVERFIT = "compact_alexnet_fmnist_overfit_prune"  # Tables 5-6
@@ -50,7 +51,7 @@ def test_the_sweep_files_compose_and_every_point_validates_at_both_scales(sweep,
     monkeypatch.setenv("PQSWEEP_DATA", data_dir)  # paper scale's CIFAR-10 and FashionMNIST, as tiny real files
     cfg = compose_cfg(f"sweep={sweep}", f"scale={scale}", hydra=True)
     assert cfg.study.name == sweep + ("_paper" if scale == "paper" else "")
-    assert all(METRICS[m] for m in cfg.study.objectives)
+    assert all(METRICS[m].direction for m in cfg.study.objectives)
     assert cfg.hydra.sweeper._target_ == "pqsweep.sweeper.OptunaSweeper"
     assert (cfg.measure.warmup, cfg.measure.repeats) == ((20, 200) if scale == "paper" else (5, 50))
     found = grid_points(sweep, scale)
@@ -223,7 +224,7 @@ def test_the_report_prints_tables_1_to_4_with_ours_beside_the_papers(tmp_path, c
     int8 = {**fp32, "top1": 89.5, "size_mb": 2.75, "latency_ms_p50": 5.0}
     uri = log_trials(tmp_path, PRUNE_INT8, [({**point, "quantization": "none"}, fp32),
                                             ({**point, "quantization": "static_int8"}, int8)])
-    table.main([PRUNE_INT8, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([PRUNE_INT8, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     t1 = section(out, "Table 1")
     assert "Accuracy (%) CIFAR-10 ours" in t1[1] and "Compression Rate FashionMNIST paper" in t1[1]
@@ -252,7 +253,7 @@ def test_the_report_prints_tables_5_and_6_with_ours_beside_the_papers(tmp_path, 
     overfitted = {"baseline_top1": 96.0, "top1": 96.5, "params_total": 57_029_322.0, "params_nonzero": 22.3e6}
     uri = log_trials(tmp_path, OVERFIT, [({**base, "pruning.amount": "0.9"}, reference),
                                          ({**base, "pruning.amount": "0.61"}, overfitted)])
-    table.main([OVERFIT, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
+    report.main([OVERFIT, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     t5 = section(out, "Table 5")
     assert "Accuracy (%) ours" in t5[1] and "Total Parameters paper" in t5[1]

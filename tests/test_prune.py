@@ -41,7 +41,7 @@ def test_magnitude_beats_random_at_90_percent(trained_wide, digits):
     dense = top1(trained_wide, digits.test)
     magnitude = top1(unstructured.global_magnitude(copy.deepcopy(trained_wide), pruning("global_magnitude", "amount=0.9")),
                      digits.test)
-    randoms = [top1(unstructured.random(copy.deepcopy(trained_wide), pruning("random", "amount=0.9"),
+    randoms = [top1(unstructured.random_weights(copy.deepcopy(trained_wide), pruning("random", "amount=0.9"),
                                         finetuning(digits, seed)), digits.test) for seed in range(3)]
     print(f"\ndigits top-1 at 90 % sparsity, no fine-tuning: dense {dense:.1f}, global magnitude {magnitude:.1f}, "
           f"random (seeds 0-2) {', '.join(f'{r:.1f}' for r in randoms)}")
@@ -54,7 +54,7 @@ def test_magnitude_beats_random_at_90_percent(trained_wide, digits):
 def test_random_reaches_the_exact_amount_and_depends_on_the_seed(digits, amount):
     def pruned(seed):
         model = small_cnn()
-        unstructured.random(model, pruning("random", f"amount={amount}"), finetuning(digits, seed))
+        unstructured.random_weights(model, pruning("random", f"amount={amount}"), finetuning(digits, seed))
         return model
 
     original = small_cnn()
@@ -77,8 +77,8 @@ def test_random_reaches_the_exact_amount_and_depends_on_the_seed(digits, amount)
 
 def test_random_without_a_context_uses_seed_zero(digits):
     a, b = small_cnn(), small_cnn()
-    unstructured.random(a, pruning("random"), None)
-    unstructured.random(b, pruning("random"), finetuning(digits, seed=0))
+    unstructured.random_weights(a, pruning("random"), None)
+    unstructured.random_weights(b, pruning("random"), finetuning(digits, seed=0))
     assert all(torch.equal(x.weight, y.weight) for (_, x), (_, y) in zip(weights.prunable_layers(a),
                                                                           weights.prunable_layers(b)))
 
@@ -189,7 +189,8 @@ def test_fp16_weights_are_pruned_as_fp16(trained_wide, digits):
 def test_pipeline_quantize_then_prune_keeps_the_int8_format(trained_wide, digits):
     cfg = compose_cfg("pruning=random", "pruning.amount=0.5", "quantization=static_int8",
                       "quantization.order=quantize_then_prune", "quantization.calibration_batches=2")
-    deployed, float_model, _ = pipeline.compress(cfg, copy.deepcopy(trained_wide), finetuning(digits))
+    deployed, float_model = pipeline.compress(cfg, pipeline.stages_of(cfg), copy.deepcopy(trained_wide),
+                                              finetuning(digits))
     assert len(qweights(deployed)) == 4 and all(w.dtype == torch.qint8 for w in qweights(deployed).values())
     assert measure.parameter_counts(deployed)["sparsity"] == pytest.approx(0.5, abs=1e-4)  # int8 zeros count first
     assert weights.footprint(float_model)[1] == 0  # the float model is not pruned

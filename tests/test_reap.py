@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from pqsweep import study as studies
+from pqsweep.sweeper import study as studies
 from pqsweep import tracking
 
 

@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
-from pqsweep.reports import table
+from pqsweep.reports import report
 from nets import experiment_ids
 
 # (name, pruning, quantization, status, top1, size_mb). Objectives top1 (max), size_mb (min).
@@ -61,7 +61,7 @@ def store(tmp_path):
 
 def test_the_front_of_runs_with_known_dominance_is_marked_tagged_and_logged(store, tmp_path, capsys):
     uri, client, parent, ids = store
-    table.main(["hand", "--uri", uri, "--out", str(tmp_path / "out"), "--csv", str(tmp_path / "t.csv")])
+    report.main(["hand", "--uri", uri, "--out", str(tmp_path / "out"), "--csv", str(tmp_path / "t.csv")])
     out = capsys.readouterr().out
     by_id = {v: k for k, v in ids.items()}
     with open(tmp_path / "t.csv", newline="") as f:
@@ -85,14 +85,14 @@ def test_the_front_of_runs_with_known_dominance_is_marked_tagged_and_logged(stor
     image = imread(tmp_path / "out" / "top1_vs_size_mb.png")
     assert image.shape[0] > 300 and image.std() > 0.05  # drawn, not blank
 
-    table.main(["hand", "--uri", uri, "--front", "--no-plots", "--no-log", "--csv", str(tmp_path / "front.csv")])
+    report.main(["hand", "--uri", uri, "--front", "--no-plots", "--no-log", "--csv", str(tmp_path / "front.csv")])
     with open(tmp_path / "front.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(FRONT)
 
 
 def test_a_budget_gives_each_methods_most_compressed_trial_within_it(store, capsys):
     uri, *_, ids = store
-    table.main(["hand", "--uri", uri, "--budget", "top1>=75", "--no-plots", "--no-log",
+    report.main(["hand", "--uri", uri, "--budget", "top1>=75", "--no-plots", "--no-log",
                 "--columns", "pruning,quantization,top1,size_mb"])
     out = capsys.readouterr().out.split("budget top1>=75")[1]
     lines = {line.split()[0]: line for line in out.splitlines()[3:] if line.strip()[:2] in ("gm", "l1")}
@@ -106,7 +106,7 @@ def test_bad_objectives_and_budgets_are_refused_in_one_line_and_nothing_is_logge
     for args, message in ((["--objectives", "top1:up"], "direction must be max or min"),
                           (["--budget", "top1=>3"], "bound 'top1=>3'")):
         with pytest.raises(SystemExit, match=message) as refused:
-            table.main(["hand", "--uri", uri, *args])
+            report.main(["hand", "--uri", uri, *args])
         assert "\n" not in str(refused.value)
     assert "pareto" not in client.get_run(ids["A"]).data.tags
     assert not client.list_artifacts(parent)
@@ -135,7 +135,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
           "study.name=layers", rc=1)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
-    table.main(["gm", "--uri", uri, "--out", str(tmp_path / "gm")])
+    report.main(["gm", "--uri", uri, "--out", str(tmp_path / "gm")])
     out = capsys.readouterr().out
     assert "Optuna's best_trials are this front" in out
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
@@ -149,14 +149,14 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert "report/top1_vs_size_gzip_mb.png" in logged and "report/optuna-gm" in logged
 
-    table.main(["layers", "--uri", uri, "--out", str(tmp_path / "layers"), "--no-plots"])
+    report.main(["layers", "--uri", uri, "--out", str(tmp_path / "layers"), "--no-plots"])
     layers = client.search_runs(experiment_ids(client),
                                 "tags.optuna_study = 'layers' and tags.stage = 'trial'")
     (failed,) = [r for r in layers if r.info.status == "FAILED"]
     assert failed.data.tags["pareto"] == "false"
     assert capsys.readouterr().err.count("1 trial(s) failed") == 1
 
-    table.main(["gm", "layers", "--uri", uri, "--out", str(tmp_path / "both")])
+    report.main(["gm", "layers", "--uri", uri, "--out", str(tmp_path / "both")])
     out = capsys.readouterr().out
     assert "front of gm over top1 (max), size_gzip_mb (min)" in out
     assert "front of layers over top1 (max), size_gzip_mb (min)" in out

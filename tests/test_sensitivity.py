@@ -16,14 +16,14 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from pqsweep import measure, pipeline, sensitivity
-from pqsweep.cache import BaselineCache, baseline_key
-from pqsweep.config import ConfigError, validate
+from pqsweep.checks import ConfigError
+from pqsweep.validate import validate
 from pqsweep.reports.sensitivity import ALL_LAYERS, Curves, choose
 from pqsweep.sensitivity import run_and_log, scan, write_amounts
 from pqsweep.tracking import resolve_uri
 from pqsweep.weights import prunable_layers
 
-from nets import context
+from nets import context, stage_entry
 
 AMOUNTS = [0.0, 0.5, 0.9, 0.95]
 NOT_PER_LAYER = ("pruning=global_magnitude is not allowed: pqsweep-sensitivity needs an option that takes per-layer "
@@ -40,7 +40,7 @@ def baseline_model(cfg):
     """The cached baseline, rebuilt independently of the scan, and the data loaders."""
     splits, loaders = pipeline.load_data(cfg)
     model = pipeline.build_model(cfg, splits)
-    model.load_state_dict(BaselineCache(cfg.cache.dir).load(baseline_key(cfg))["state_dict"])
+    model.load_state_dict(stage_entry(cfg, "baseline")["state_dict"])
     return model.eval(), loaders
 
 
@@ -190,7 +190,7 @@ def test_command_writes_the_amounts_file(tmp_path):
 
 def test_a_second_scan_at_another_tolerance_loads_the_curves_and_prunes_nothing(scan_cfg, caplog):
     first, strict = scan(scan_cfg(f"sensitivity.amounts={AMOUNTS}", "sensitivity.tolerance=0"))
-    with caplog.at_level("INFO", logger="pqsweep.sensitivity"):
+    with caplog.at_level("INFO", logger="pqsweep"):
         again, loose = scan(scan_cfg(f"sensitivity.amounts={AMOUNTS}", "sensitivity.tolerance=100"))
     assert not first.cached and again.cached and "pruned nothing" in caplog.text
     assert again.rows == first.rows and again.info == first.info and again.baseline_top1 == first.baseline_top1

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from pqsweep import measure, models
-from pqsweep.config import ConfigError, validate
+from pqsweep.checks import ConfigError
+from pqsweep.validate import validate
 from pqsweep.export import ExportError, export
 from pqsweep.pipeline import run
 from pqsweep.pruning import unstructured

@@ -121,6 +121,6 @@ def test_a_new_experiment_opens_in_the_ui_as_training_runs_not_genai(make_cfg, t
 def test_a_run_is_named_by_its_whole_method_in_short(overrides, name):
     from nets import compose_cfg
 
-    from pqsweep.tracking import run_name
+    from pqsweep.records import run_name
 
     assert run_name(compose_cfg(*overrides)) == name

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pqsweep import measure, weights
-from pqsweep.pruning import structured
+from pqsweep.pruning import prune, structured
 from pqsweep.train import Context
 
 from nets import RecordingContext, compose_cfg, context, loader, option, options
@@ -179,7 +179,7 @@ def test_structured_unstructured_prunes_filters_then_fine_tunes_then_weights(str
     cfg = pruning_cfg("pruning=structured_unstructured", f"pruning.structured={structured_amount}",
                       "pruning.unstructured=0.75")
     ctx = noise_context(x, cfg, kind=RecordingContext)
-    model = structured.structured_unstructured(model, cfg.pruning, ctx)
+    model = prune(model, cfg.pruning, ctx)  # both steps: the filter step (its own stage in a run), then the weights
 
     total, zeros = weights.footprint(model)
     assert zeros == int(round(0.75 * total))  # the asked sparsity, of the weights that survived the first stage

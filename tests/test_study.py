@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from faults import injects
 from nets import experiment_ids
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,9 @@ def assert_whole(tmp_path: Path, points: int, name: str = GRID_NAME) -> None:
         assert (run.info.status == "FINISHED") == (trial.state == TrialState.COMPLETE)
 
 
+@injects('SIGKILL of a sweep while a trial runs',
+         'the trial stays RUNNING; the same command fails it (its run KILLED, its PID gone), or completes it from its FINISHED run, and runs only the missing points',
+         "the killed trial's partial work")
 def test_sigkill_mid_grid_then_the_same_command_finishes_it_and_a_rerun_adds_nothing(tmp_path):
     args = [*GRID, "train.finetune_epochs=4"]
     assert interrupted(tmp_path, *args, sig=signal.SIGKILL) == -signal.SIGKILL
@@ -122,6 +126,9 @@ def test_sigkill_mid_grid_then_the_same_command_finishes_it_and_a_rerun_adds_not
     assert_whole(tmp_path, 6)
 
 
+@injects('SIGKILL of a TPE search midway',
+         'the same command tops the study up to n_trials COMPLETE trials',
+         "the killed trial's partial work")
 def test_a_budgeted_study_killed_midway_tops_up_to_n_trials(tmp_path):
     args = ["hydra/sweeper/sampler=tpe", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.n_startup_trials=2",
             "pruning=global_magnitude", "pruning.amount=interval(0,0.9)", "study.name=tpe"]
@@ -138,6 +145,9 @@ def test_a_budgeted_study_killed_midway_tops_up_to_n_trials(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@injects('Ctrl-C or SIGTERM during a trial',
+         'the trial FAILs in Optuna and is KILLED in MLflow, as is the parent; exit 130 / 143; the next command resumes',
+         "the interrupted trial's partial work")
 def test_an_interrupt_kills_the_trial_in_flight_and_the_next_run_resumes(tmp_path, sig):
     args = [*GRID[:2], "pruning.amount=0,0.5,0.7", "train.finetune_epochs=4"]
     assert interrupted(tmp_path, *args, sig=sig) == 128 + sig
@@ -169,6 +179,9 @@ def write_layer_amounts(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("order", [("bad", "good1", "good2"), ("good1", "bad", "good2"), ("good1", "good2", "bad")],
                          ids=["first", "middle", "last"])
+@injects('a trial that raises (a layer the model lacks), first, middle or last',
+         'FAILED with its error in one line; the sweep goes on and exits 1; the next command retries only that point',
+         'nothing')
 def test_a_failing_point_anywhere_in_the_grid_never_ends_the_sweep(tmp_path, order):
     files = write_layer_amounts(tmp_path)
     grid = ["pruning=layer_magnitude", "pruning.layer_amounts=" + ",".join(files[name] for name in order)]
@@ -193,6 +206,9 @@ def test_a_failing_point_anywhere_in_the_grid_never_ends_the_sweep(tmp_path, ord
     assert "trial 1/1 · layer_amounts=" in again  # a resumed grid counts only what is left to run
 
 
+@injects('more failures than hydra.sweeper.max_failures',
+         'the sweep stops, its parent FAILED',
+         'nothing: the next command runs what is left')
 def test_a_spent_failure_budget_stops_the_sweep(tmp_path):
     files = write_layer_amounts(tmp_path)
     grid = ["pruning=layer_magnitude", f"pruning.layer_amounts={files['bad']},{files['good1']},{files['good2']}",
@@ -203,6 +219,9 @@ def test_a_spent_failure_budget_stops_the_sweep(tmp_path):
     assert parent.info.status == "FAILED"
 
 
+@injects('the same study with a setting changed',
+         'refused in one line naming the setting, both values and study.name=',
+         'nothing: no store is written')
 def test_a_changed_fixed_setting_is_refused_and_nothing_is_touched(tmp_path):
     sweep(tmp_path, "pruning=global_magnitude", "pruning.amount=0,0.5")
     journal = (tmp_path / "optuna.journal").read_bytes()
@@ -232,6 +251,9 @@ def test_the_command_line_narrows_a_sweep_files_grid_within_one_study(tmp_path):
     assert done.returncode == 1 and "pruning.amount=0.3 is not in the grid" in done.stderr
 
 
+@injects('a worker on another host dies (RDB storage)',
+         'its heartbeat stops; after 4 intervals the next worker fails the trial, KILLs its run and reruns the point',
+         "the lost trial's partial work")
 def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat(tmp_path):
     # On an RDB storage each running trial beats every heartbeat_interval; a worker on another machine that died
     # stops beating, and the next worker fails its trial (its MLflow run KILLED) and runs the point again.
@@ -254,6 +276,9 @@ def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat(tmp_path):
     assert killed.data.tags["interrupted"] == "its heartbeat stopped"
 
 
+@injects('four runs start at once on a fresh MLflow store',
+         'the store is created once, under a lock; all four runs are recorded',
+         'nothing')
 def test_four_runs_started_at_once_on_a_fresh_store_are_all_recorded(tmp_path):
     # MLflow migrates a fresh SQLite store unlocked; pqsweep creates it once, under a lock, before anyone writes.
     runs_at_once = [subprocess.Popen([sys.executable, "-m", "pqsweep.cli", *TINY, "train.epochs=0",
@@ -281,3 +306,40 @@ def test_a_study_begun_in_another_experiment_resumes_there_with_its_baseline(tmp
     elsewhere = [e for e in experiment_ids(client) if e != home]
     assert client.search_runs(elsewhere, "") == []  # nothing of the study landed in an experiment of its name
     assert sorted(e.name for e in client.search_experiments()) == ["Default", "pqsweep"]  # nor was one made for it
+
+
+@injects("a worker of two killed (SIGKILL) while the other still runs",
+         "the living worker fails the dead one's trial at its next batch (its PID is gone on this host), KILLs its run "
+         "and runs the point before it exits",
+         "the killed trial's partial work")
+def test_a_dead_workers_trial_is_run_again_by_the_worker_that_lives(tmp_path):
+    args = [*GRID, "train.finetune_epochs=3"]
+    survivor_log = (tmp_path / "survivor.log").open("w")
+    survivor = subprocess.Popen(command(tmp_path, *args), cwd=tmp_path, stdout=survivor_log,
+                                stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # the survivor has made the study and its store
+    assert interrupted(tmp_path, *args, sig=signal.SIGKILL) == -signal.SIGKILL  # the other worker, mid-trial
+    assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
+    output = (tmp_path / "survivor.log").read_text()
+    assert "left RUNNING by a dead process" in output
+    assert_whole(tmp_path, 6)  # every point COMPLETE once, nothing RUNNING, the parent FINISHED
+    (killed,) = [r for r in runs(tmp_path, "trial") if r.info.status == "KILLED"]
+    assert "is gone" in killed.data.tags["interrupted"]
+
+
+@injects("the same study pointed at another MLflow store (tracking.uri changed, the same journal)",
+         "refused in one line naming the store that holds the study's parent run; the other store is not created",
+         "nothing: the study's runs stay in one store, its report shows them all")
+def test_a_study_stays_in_the_mlflow_store_that_holds_its_parent_run(tmp_path):
+    grid = ["pruning=global_magnitude", "pruning.amount=0,0.5", f"hydra.sweeper.storage={tmp_path}/optuna.journal"]
+    sweep(tmp_path, *grid)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    done = subprocess.run([*command(tmp_path, *grid), f"tracking.uri=sqlite:///{other}/mlflow.db"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("pqsweep: error:")]
+    assert f"keeps its runs in sqlite:///{tmp_path}/mlflow.db" in line and f"sqlite:///{other}/mlflow.db" in line
+    assert list(other.iterdir()) == []  # no second store
+    again = sweep(tmp_path, *grid)  # back in its own store: resumed, nothing to run
+    assert "2 grid points, 2 done, 0 to run" in again and len(runs(tmp_path, "sweep")) == 1

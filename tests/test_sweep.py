@@ -53,7 +53,7 @@ def test_grid_multirun_logs_children_under_one_parent_and_trains_once(tmp_path):
 
     report = subprocess.run(
         # a command-line grid's study is named after its swept keys
-        [sys.executable, "-m", "pqsweep.reports.table", "pruning.amount+quantization", "--uri", f"sqlite:///{tmp_path}/mlflow.db",
+        [sys.executable, "-m", "pqsweep.reports.report", "pruning.amount+quantization", "--uri", f"sqlite:///{tmp_path}/mlflow.db",
          "--csv", str(tmp_path / "table.csv")],
         capture_output=True, text=True, check=True,
     )
@@ -91,3 +91,15 @@ def test_parallel_trials_with_joblib_train_and_log_the_baseline_once(tmp_path):
     _, children, baselines = sweep_runs(tmp_path)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert len(baselines) == 1
+
+
+def test_the_4x4_structured_x_unstructured_grid_prunes_its_structured_step_4_times(tmp_path):
+    # 002's grid at digits' size: each structured amount's filter step is one stage, shared by its 4 unstructured
+    # amounts; before the step was a stage of its own, every one of the 16 points pruned and fine-tuned it again
+    pqsweep(tmp_path, "pruning=structured_unstructured", "pruning.structured=0,0.25,0.5,0.75",
+            "pruning.unstructured=0,0.3,0.5,0.7", "dataset.num_samples=300")
+    _, children, _ = sweep_runs(tmp_path)
+    assert len(children) == 16 and all(c.info.status == "FINISHED" for c in children)
+    computed = [c.data.params["pruning.structured"] for c in children if c.data.tags["structured_cached"] == "false"]
+    assert sorted(computed) == ["0.0", "0.25", "0.5", "0.75"]  # once per structured amount, from the stage tags
+    assert {c.data.tags["prune_cached"] for c in children} == {"false"}  # each point's own unstructured step

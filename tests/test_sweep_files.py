@@ -12,9 +12,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from nets import compose_cfg, write_data_sets
 from omegaconf import OmegaConf
 
-from pqsweep.config import GROUPS, METRICS, SCALES, validate
+from pqsweep.metrics import METRICS
+from pqsweep.schema import GROUPS, SCALES
+from pqsweep.validate import validate
 from pqsweep.reports import paper
-from pqsweep.tracking import flat_params
+from pqsweep.records import params as flat_params
 
 SWEEPS = Path(__file__).parents[1] / "sweeps"
 FILES = sorted(path.stem for path in SWEEPS.glob("*.yaml"))

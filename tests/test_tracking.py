@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nets import compose_cfg
-from pqsweep import tracking
+from pqsweep import records, tracking
 from pqsweep.cli import run_and_log
 from pqsweep.pipeline import load_splits
 from pqsweep.tracking import resolve_uri
@@ -128,12 +128,12 @@ def test_the_experiment_option_a_run_composed_is_a_param(monkeypatch):
     """Seed 003's sweeps grid over conf/experiment/: its option names the trial, though no config key holds it."""
     from hydra.core.hydra_config import HydraConfig
 
-    assert tracking.chosen_experiment() == {}  # no Hydra job: nothing to say
+    assert records.chosen_experiment() == {}  # no Hydra job: nothing to say
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # put back after the test
     HydraConfig.instance().set_config(compose_cfg("experiment=paper003_alexnet_cifar10", hydra=True))
-    assert tracking.chosen_experiment() == {"experiment": "paper003_alexnet_cifar10"}
+    assert records.chosen_experiment() == {"experiment": "paper003_alexnet_cifar10"}
     HydraConfig.instance().set_config(compose_cfg(hydra=True))
-    assert tracking.chosen_experiment() == {}
+    assert records.chosen_experiment() == {}
 
 
 def test_trials_logging_one_data_set_at_once_all_record_it(make_cfg):
@@ -151,7 +151,7 @@ def test_trials_logging_one_data_set_at_once_all_record_it(make_cfg):
         try:
             with mlflow.start_run(run_id=run_id):
                 release.wait()
-                tracking.log_inputs(cfg, data)
+                records.log_inputs(cfg, data)
         except Exception as error:  # noqa: BLE001 - the test reports it
             errors.append(error)
 

@@ -1,10 +1,10 @@
-"""Each stage alone on a toy model: pruning, fine-tuning after it, quantization, measurement and the baseline cache."""
+"""Each step of a run alone on a toy model: pruning, fine-tuning after it, quantization and measurement (the stage
+machinery that caches them is tests/test_stage_cache.py)."""
 
 from __future__ import annotations
 
 import copy
 import io
-import logging
 
 import pytest
 import torch
@@ -15,7 +15,6 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.utils.data import DataLoader, TensorDataset
 
 from pqsweep import measure, models, pipeline, weights
-from pqsweep.cache import BaselineCache, baseline_key
 from pqsweep.pruning import unstructured
 
 from nets import batches, compose_cfg, context, loader, option, outputs, quantize, small_cnn, top1, wide_convnet
@@ -367,102 +366,3 @@ def test_accuracy_counts_top1_and_top5_exactly():
 def test_top5_of_fewer_than_five_classes_is_everything():
     loader = fixed_loader([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]], [2, 0], batch_size=2)
     assert measure.accuracy(identity_linear(3), loader) == {"top1": 0.0, "top5": 100.0}
-
-
-# --- baseline cache --------------------------------------------------------------------------------------------
-
-SAME_BASELINE = [
-    "measure.repeats=7",
-    "measure.threads=2",
-    "pruning=global_magnitude",
-    "pruning=layer_magnitude",
-    "pruning.amount=0.3",
-    "quantization=static_int8",
-    "quantization=fp16",
-    "train.finetune_epochs=5",
-    "train.finetune_lr=0.01",
-    "dataset.root=/elsewhere",
-    "dataset.download=true",
-    "cache.dir=/elsewhere",
-    "tracking.experiment=other",
-]
-NEW_BASELINE = [
-    "train.epochs=3",
-    "train.seed=1",
-    "train.optimizer.lr=0.01",
-    "train.batch_size=32",
-    "model=resnet18_cifar",
-    "dataset=mnist5k",
-    "dataset.split_seed=1",
-    "dataset.val_fraction=0.2",
-    "device=cuda",
-]
-
-
-@pytest.mark.parametrize("override", SAME_BASELINE)
-def test_key_ignores_what_comes_after_baseline_training(override):
-    assert baseline_key(compose_cfg(override)) == baseline_key(compose_cfg())
-
-
-@pytest.mark.parametrize("override", NEW_BASELINE)
-def test_key_changes_with_what_shapes_the_baseline(override):
-    assert baseline_key(compose_cfg(override)) != baseline_key(compose_cfg())
-
-
-def test_key_is_a_short_stable_hash():
-    key = baseline_key(compose_cfg())
-    assert key == baseline_key(compose_cfg()) and len(key) == 16 and int(key, 16) >= 0
-
-
-@pytest.fixture
-def cache_cfg(tmp_path):
-    return lambda *overrides: compose_cfg("dataset=digits", "train.epochs=1", f"cache.dir={tmp_path}", *overrides)
-
-
-def fresh_model(cfg, splits, seed: int):
-    torch.manual_seed(seed)
-    return pipeline.build_model(cfg, splits)
-
-
-def test_baseline_is_trained_once_then_loaded(cache_cfg, tmp_path, caplog):
-    cfg = cache_cfg()
-    splits, loaders = pipeline.load_data(cfg)
-    trainee = fresh_model(cfg, splits, seed=0)
-    initial = copy.deepcopy(trainee.state_dict())
-    first = pipeline.baseline(cfg, trainee, loaders)
-    assert not first.cached and len(first.history) == 1
-    assert not all(torch.equal(v, initial[k]) for k, v in first.state.items())  # it trained
-    assert BaselineCache(tmp_path).path(first.key).is_file()
-
-    untouched = fresh_model(cfg, splits, seed=1)
-    before = copy.deepcopy(untouched.state_dict())
-    caplog.set_level(logging.INFO, logger="pqsweep.pipeline")
-    caplog.clear()
-    second = pipeline.baseline(cfg, untouched, loaders)
-    assert second.cached and second.key == first.key and second.history == first.history
-    assert second.state.keys() == first.state.keys()
-    assert all(torch.equal(second.state[k], first.state[k]) for k in first.state)
-    assert all(torch.equal(v, before[k]) for k, v in untouched.state_dict().items())  # trained nothing
-    assert "loaded from cache" in caplog.text and "training" not in caplog.text
-    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []  # written atomically
-
-
-def test_baseline_cache_hits_and_misses_by_key(cache_cfg, tmp_path):
-    cfg = cache_cfg("train.epochs=0")  # an untrained baseline is cached like any other: the lookup is what counts
-    splits, loaders = pipeline.load_data(cfg)
-    assert not pipeline.baseline(cfg, fresh_model(cfg, splits, 0), loaders).cached
-    hit = cache_cfg("train.epochs=0", "train.finetune_epochs=0", "pruning=global_magnitude")
-    assert pipeline.baseline(hit, fresh_model(hit, splits, 0), loaders).cached
-    miss = cache_cfg("train.epochs=0", "train.seed=1")
-    assert not pipeline.baseline(miss, fresh_model(miss, splits, 0), loaders).cached
-    assert len(list(tmp_path.glob("baseline-*.pt"))) == 2
-
-
-def test_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path):
-    cache = BaselineCache(tmp_path / "cache")
-    cache.save("k", {"state_dict": {"w": torch.ones(2)}, "history": []})
-    with pytest.raises(Exception):
-        cache.save("k", {"state_dict": {"w": torch.zeros(2)}, "history": [], "unpicklable": lambda: None})
-    assert torch.equal(cache.load("k")["state_dict"]["w"], torch.ones(2))
-    assert [p.name for p in cache.dir.iterdir() if p.suffix == ".tmp"] == []
-    assert cache.load("missing") is None
