@@ -74,6 +74,22 @@ BAD = {
     "optimizer without a target": ("~train.optimizer._target_", "train.optimizer._target_"),
     "layer amount of 1.5 in its file": ("pruning=layer_magnitude pruning.layer_amounts=<amounts>",
                                         "pruning.layer_amounts"),
+    # recovery: distillation, BN re-estimation, pruning criteria
+    "distilling from an untrained baseline": ("train.distill.enabled=true train.epochs=0", "train.distill.enabled"),
+    "distillation weight above 1": ("train.distill.alpha=1.5", "train.distill.alpha"),
+    "distillation weight below 0": ("train.distill.alpha=-0.1", "train.distill.alpha"),
+    "distillation temperature 0": ("train.distill.temperature=0", "train.distill.temperature"),
+    "negative BN batches": ("train.bn_batches=-1", "train.bn_batches"),
+    "BN re-estimation without BN": ("model=cnn train.bn_batches=8", "train.bn_batches"),
+    "bn_scale criterion without BN": ("pruning=l1_filter pruning.importance=bn_scale", "pruning.importance"),
+    "taylor on frozen layers": ("model=resnet18_cifar dataset=fake pruning=l1_filter pruning.importance=taylor "
+                                "train.trainable=[fc]", "pruning.importance"),
+    "hessian on frozen layers": ("model=resnet18_cifar dataset=fake pruning=structured_unstructured "
+                                 "pruning.importance=hessian train.trainable=[layer4,fc]", "pruning.importance"),
+    "criterion on shufflenet": ("model=shufflenet_v2 dataset=fake pruning=l1_filter pruning.importance=fpgm",
+                                "pruning.importance"),
+    "no batches for a gradient criterion": ("pruning=l1_filter pruning.importance=taylor pruning.importance_batches=0",
+                                            "pruning.importance_batches"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

@@ -54,6 +54,8 @@ def changed(value, path: str, tmp_path: Path):
         return list(value)[:-1] if path.endswith(("orders", "backends")) else list(value) + [
             {"study.objectives": "top5", "study.constraints": "size_mb<=1", "sensitivity.amounts": 0.33}.get(path,
                                                                                                            "extra")]
+    if path == "train.distill":  # a node of its own schema: one of its fields changed
+        return {**value, "enabled": not value["enabled"]}
     if isinstance(value, (dict, DictConfig)):
         return {**value, "lr": 0.5} if path == "train.optimizer" else {**value, "extra": "int8"}
     if value is None:
@@ -82,7 +84,8 @@ def test_each_field_changes_exactly_the_stage_keys_it_declares(group, option, tm
         declared = declaration(schema, path.rsplit(".", 1)[-1])  # UndeclaredField: a field says nothing
         cfg = copy.deepcopy(base)
         value = OmegaConf.select(cfg, path)
-        OmegaConf.update(cfg, path, changed(value, path, tmp_path), merge=False)
+        # a node of its own schema (train.distill) takes the changed field merged in; others are replaced whole
+        OmegaConf.update(cfg, path, changed(value, path, tmp_path), merge=path == "train.distill")
         after = stage_keys(cfg)
         moved = {name for name in STAGES if after[name] != before[name]}
         applies = applying | {name for name, key in after.items() if key is not None}  # a stage it switches on
@@ -262,3 +265,21 @@ def test_a_field_added_since_a_study_was_stored_counts_as_its_default():
     cfg, fixed, space = current([*stored["overrides"], "train.batch_size=32"])
     with pytest.raises(StudyMismatch, match=r"holds train.batch_size=unset \(this command: 32\)"):
         studies.check_identity(stored_study(older), cfg, fixed, space)
+
+
+STAGE_KEYS = json.loads((Path(__file__).parent / "data" / "stage_keys_ea31a70.json").read_text())
+
+
+@pytest.mark.parametrize("overrides", list(STAGE_KEYS))
+def test_fields_added_at_their_default_leave_every_cache_entry_valid(overrides):
+    # tests/data/stage_keys_ea31a70.json: the keys before train.distill, train.bn_batches and pruning.importance
+    # existed. A field declared added=True enters no key at its default, so the cache entries of older runs still hit.
+    cfg = compose_cfg(*([] if overrides == "(defaults)" else overrides.split()))
+    assert stage_keys(cfg) == STAGE_KEYS[overrides]
+
+
+@pytest.mark.parametrize("override, stage", [("train.distill.enabled=true", "prune"), ("train.bn_batches=8", "prune"),
+                                             ("pruning.importance=taylor", "prune")])
+def test_an_added_field_off_its_default_enters_its_stages_keys(override, stage):
+    base = compose_cfg("pruning=l1_filter")
+    assert stage_keys(compose_cfg("pruning=l1_filter", override))[stage] != stage_keys(base)[stage]

@@ -47,6 +47,9 @@ class Declared:
     role: Role
     stages: tuple[str, ...] = ()
     key: Callable[[Any], Any] | None = None  # how the value enters a key, where not as it is (a file: its content)
+    # A field added after cache entries were first written: at its schema default, which does what pqsweep did
+    # before the field existed, it enters no key, so every entry made before it stays valid.
+    added: bool = False
 
 
 METADATA = "pqsweep"
@@ -59,11 +62,13 @@ def _field(declared: Declared, default: Any, factory: Callable[[], Any] | None) 
 
 
 def shapes(*stages: str, default: Any = MISSING, factory: Callable[[], Any] | None = None,
-           key: Callable[[Any], Any] | None = None) -> Any:
+           key: Callable[[Any], Any] | None = None, added: bool = False) -> Any:
     unknown = [s for s in stages if s not in STAGES]
     if not stages or unknown:
         raise ValueError(f"shapes({', '.join(stages)}): name stages among {', '.join(STAGES)}")
-    return _field(Declared(Role.shapes, stages, key), default, factory)
+    if added and default is MISSING and factory is None:
+        raise ValueError("shapes(..., added=True) needs a default: the value that does what pqsweep did before")
+    return _field(Declared(Role.shapes, stages, key, added), default, factory)
 
 
 def _role(role: Role):
@@ -118,7 +123,17 @@ class Leaf(NamedTuple):
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
+    if f.default_factory is dataclasses.MISSING:
+        return MISSING
+    made = f.default_factory()
+    return dataclasses.asdict(made) if dataclasses.is_dataclass(made) else made  # a node, as its resolved value is
+
+
+def at_default(leaf: Leaf) -> bool:
+    """Whether an `added` field holds its schema default (enums compared by value), so it stays out of keys."""
+    default = leaf.default.value if isinstance(leaf.default, Enum) else leaf.default
+    value = leaf.value.value if isinstance(leaf.value, Enum) else leaf.value
+    return leaf.declared.added and default is not MISSING and value == default
 
 
 def _resolved(cfg: DictConfig, name: str, enum_to_str: bool = False) -> Any:
@@ -155,6 +170,8 @@ def stage_keys(cfg: DictConfig) -> dict[str, str | None]:
     """Each stage's key, None where the stage does not apply to this run."""
     own: dict[str, dict[str, Any]] = {name: {} for name in STAGES}
     for leaf in leaves(cfg):
+        if at_default(leaf):
+            continue
         value = leaf.declared.key(leaf.value) if leaf.declared.key else leaf.value
         for stage in leaf.declared.stages:
             if len(leaf.path) == 1:
@@ -222,7 +239,9 @@ def defaults(cfg: DictConfig) -> dict[str, str]:
     for leaf in leaves(cfg):
         if leads_to("study")(leaf.declared) and leaf.default is not MISSING and leaf.default != MISSING:
             default = leaf.default.value if isinstance(leaf.default, Enum) else leaf.default
-            found[".".join(leaf.path)] = json.dumps(default)
+            plain: dict[str, Any] = {}
+            _flatten(".".join(leaf.path), default, plain)  # a node (train.distill) as its fields, as flat() writes it
+            found.update({k: json.dumps(v) for k, v in plain.items()})
     return found
 
 

@@ -58,6 +58,26 @@ class Schedule(str, Enum):
     gradual = "gradual"
 
 
+class Importance(str, Enum):
+    """How structured pruning ranks a layer's filters. l1: Li et al.'s L1 norm of each filter (pqsweep's own, the
+    default). The others are Torch-Pruning's criteria as its importance module defines them, over the whole group a
+    channel belongs to: l2 (group L2 norm), taylor (|w * dL/dw|, Molchanov et al.), bn_scale (|BN gamma|, network
+    slimming), fpgm (distance to the geometric median, He et al.), lamp (Lee et al.), hessian (w^2 times the
+    empirical Fisher's diagonal, Optimal Brain Damage) and random."""
+
+    l1 = "l1"
+    l2 = "l2"
+    taylor = "taylor"
+    bn_scale = "bn_scale"
+    fpgm = "fpgm"
+    lamp = "lamp"
+    hessian = "hessian"
+    random = "random"
+
+
+GRADIENT_CRITERIA = (Importance.taylor, Importance.hessian)  # their scores need gradients from training batches
+
+
 class Export(str, Enum):
     none = "none"
     onnx = "onnx"
@@ -77,6 +97,9 @@ class ModelConfig:
     # Facts the option file declares about its architecture:
     min_image_size: int = fact(1)  # smallest input side it runs on; validate compares the data set's image size
     weights: Optional[str] = fact(None)  # the checkpoint pretrained=true loads from <torch hub>/checkpoints
+    batchnorm: bool = fact(True)  # has BatchNorm layers: train.bn_batches and the bn_scale criterion need them
+    # Torch-Pruning's dependency graph traces it, so pruning.importance may name any criterion; false: l1 only
+    graph: bool = fact(True)
 
 
 @dataclass
@@ -134,6 +157,9 @@ class L1FilterConfig(PruningConfig):
     scope: Scope = shapes("prune", "curves", default=Scope["layer"])  # per-layer ratio (Li et al.), or global
     # true: channels a residual add ties to several convs stay whole, each block's inner ones are pruned (002)
     keep_tied: bool = shapes("prune", "curves", default=False)
+    importance: Importance = shapes("prune", "curves", default=Importance.l1, added=True)  # how filters are ranked
+    # training batches whose gradients the taylor and hessian criteria score by (other criteria draw none)
+    importance_batches: int = shapes("prune", "curves", default=4, added=True)
 
 
 @dataclass
@@ -148,6 +174,8 @@ class StructuredUnstructuredConfig(L1FilterConfig):
     scope: Scope = shapes("structured", "curves", default=Scope["layer"])  # of the structured step
     keep_tied: bool = shapes("structured", "curves", default=False)
     layer_amounts: Optional[str] = shapes("structured", default=None, key=file_content)  # the structured step's
+    importance: Importance = shapes("structured", "curves", default=Importance.l1, added=True)
+    importance_batches: int = shapes("structured", "curves", default=4, added=True)
 
 
 @dataclass

@@ -147,12 +147,15 @@ def structured(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) 
 
 
 def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
-    """The prune stage's work: prune (a method may fine-tune between its own steps), then fine-tune once more if
-    anything was removed."""
+    """The prune stage's work: prune (a method may fine-tune between its own steps), then, if anything was removed,
+    re-estimate BatchNorm (train.bn_batches) and fine-tune (train.finetune_epochs, 0: none)."""
     before = footprint(model)
     model = get_method(cfg.pruning._target_)(model, cfg.pruning, ctx)
-    if footprint(model) != before and cfg.train.finetune_epochs > 0:
-        ctx.finetune(model)
+    if footprint(model) != before:
+        if cfg.train.finetune_epochs > 0:
+            ctx.finetune(model)  # re-estimates BatchNorm first
+        else:
+            ctx.recalibrate(model)
     return model.cpu().eval()
 
 
@@ -215,7 +218,9 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     example = next(iter(loaders["test"]))[0][:1]
     reference = baseline_metrics(cfg, stages, model, loaders, example)
 
-    ctx = Context(loaders, example, cfg.train, cfg.device, initial_state)
+    # the teacher of train.distill: the baseline this run already holds, so distilling loads nothing more
+    teacher = copy.deepcopy(model) if cfg.train.distill.enabled else None
+    ctx = Context(loaders, example, cfg.train, cfg.device, initial_state, teacher)
     deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more

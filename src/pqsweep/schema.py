@@ -23,6 +23,17 @@ from pqsweep.options import (FINETUNED, TRAINED, DatasetConfig, Export, FakeData
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al.) from the trial's own baseline, the teacher, in every fine-tune of a
+    compressed student: the structured and prune stages', iterative rounds' and QAT's. Each step's loss is
+    (1 - alpha) CE(student, labels) + alpha T^2 KL(softmax(teacher / T) || softmax(student / T))."""
+
+    enabled: bool = False
+    alpha: float = 0.5  # the soft term's weight, in [0, 1]; 0 trains on the labels alone (the teacher still runs)
+    temperature: float = 4.0  # T > 0 softens both distributions; T^2 keeps the soft gradients' scale
+
+
+@dataclass
 class TrainConfig:
     epochs: int = shapes("baseline", default=10)  # baseline training epochs; 0 evaluates an untrained model
     finetune_epochs: int = shapes("structured", "prune", default=2)  # after pruning
@@ -38,6 +49,11 @@ class TrainConfig:
     # Module-name prefixes whose parameters train (e.g. [layer3, layer4, fc]: 000 fine-tunes only those of an
     # ImageNet ResNet-18); the others are frozen in every training phase. null or []: all train.
     trainable: Optional[List[str]] = shapes(*TRAINED, default=None)
+    # Recovery after compression (each off at its default, which is what pqsweep did before it had them):
+    distill: DistillConfig = shapes(*FINETUNED, factory=DistillConfig, added=True)
+    # Training batches run in train mode without gradients, BatchNorm's running statistics reset and averaged over
+    # them, after each pruning step and before its fine-tune (EagleEye's adaptive BN) and before QAT; 0: none.
+    bn_batches: int = shapes(*FINETUNED, default=0, added=True)
 
 
 @dataclass

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -52,6 +53,54 @@ def freeze_all_but(model: nn.Module, prefixes) -> list[nn.Parameter]:
     return [p for _, p in chosen]
 
 
+def batches(loader: DataLoader, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly `n` batches of `loader`, going round it again where it holds fewer (each pass reshuffled)."""
+    drawn = 0
+    while drawn < n:
+        before = drawn
+        for batch in loader:
+            yield batch
+            drawn += 1
+            if drawn == n:
+                return
+        if drawn == before:
+            raise ValueError("the training loader gave no batches")
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, loader: DataLoader, n: int, device: str = "cpu") -> int:
+    """BatchNorm's running statistics recomputed from `n` training batches (EagleEye's adaptive BN): each BN layer
+    reset, then its cumulative average (momentum None) taken over the batches in train mode, with no gradient and no
+    weight changed. Returns how many BatchNorm layers it re-estimated; the model keeps its mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or n == 0:
+        return 0
+    momenta = [m.momentum for m in norms]
+    training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.to(device).train()
+    try:
+        for x, _ in batches(loader, n):
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(training)
+    return len(norms)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """(1 - alpha) CE(logits, labels) + alpha T^2 KL(softmax(teacher / T) || softmax(logits / T)) (Hinton et al.:
+    T^2 keeps the soft term's gradients at the hard term's scale as T grows)."""
+    hard = F.cross_entropy(logits, labels)
+    soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft
+
+
 class Diverged(RuntimeError):
     """Training went non-finite (its loss, or a weight at the end): one line saying which phase, epoch and step. The
     settings that shaped it determine it, so the stage records it and fails every trial that needs it at once."""
@@ -66,11 +115,13 @@ def fit(
     device: str = "cpu",
     after_step: Callable[[], None] | None = None,
     desc: str = "train",
+    teacher: nn.Module | None = None,
 ) -> list[float]:
     """Train `epochs` epochs with the configured optimizer (and scheduler); returns the mean loss per epoch.
 
     `lr` overrides the optimizer's learning rate (fine-tuning); `after_step` runs after every optimizer step
-    (fine-tuning re-applies pruning masks there, so pruned weights stay zero).
+    (fine-tuning re-applies pruning masks there, so pruned weights stay zero). With a `teacher`, each step's loss
+    is the distillation loss of train.distill against the teacher's logits (its forward pass only, in eval mode).
     """
     if epochs == 0:
         return []
@@ -84,6 +135,8 @@ def fit(
     scheduler = instantiate(_resolved(train_cfg.scheduler), optimizer=optimizer, **trusted) \
         if train_cfg.scheduler else None
     loss_fn = nn.CrossEntropyLoss()
+    if teacher is not None:
+        teacher.to(device).eval()
     history = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
@@ -91,7 +144,12 @@ def fit(
         for step, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            if teacher is None:
+                loss = loss_fn(model(x), y)
+            else:
+                with torch.no_grad():
+                    taught = teacher(x)
+                loss = distillation_loss(model(x), taught, y, train_cfg.distill.alpha, train_cfg.distill.temperature)
             value = loss.item()
             if not math.isfinite(value):
                 raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
@@ -127,6 +185,7 @@ class Context:
     train_cfg: object  # the `train` config group
     device: str = "cpu"
     initial_state: dict | None = None  # the model's weights at initialisation (rewind=reinit)
+    teacher: nn.Module | None = None  # the trial's baseline, where train.distill is enabled
 
     def finetune_lr(self) -> float:
         return self.train_cfg.finetune_lr  # resolved in the config: a tenth of the optimizer's lr unless set
@@ -134,10 +193,18 @@ class Context:
     def finetune(self, model: nn.Module, epochs: int | None = None, lr: float | None = None,
                  desc: str = "finetune") -> list[float]:
         """Fine-tune `model` (default: train.finetune_epochs at the fine-tuning rate) holding every prunable weight
-        that is zero now at zero, so pruned weights stay pruned. Leaves the model on the CPU in eval mode."""
+        that is zero now at zero, so pruned weights stay pruned; its BatchNorm statistics re-estimated first where
+        train.bn_batches asks, and distilled from the teacher where train.distill does. Leaves the model on the CPU
+        in eval mode."""
         epochs = self.train_cfg.finetune_epochs if epochs is None else epochs
+        self.recalibrate(model)
         masks = zero_masks(model)
         history = fit(model, self.loaders["train"], self.train_cfg, epochs, lr=lr or self.finetune_lr(),
-                      device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc)
+                      device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc,
+                      teacher=self.teacher if self.train_cfg.distill.enabled else None)
         model.cpu().eval()
         return history
+
+    def recalibrate(self, model: nn.Module) -> int:
+        """train.bn_batches of BatchNorm re-estimation (none at 0); returns the BatchNorm layers re-estimated."""
+        return reestimate_batchnorm(model, self.loaders["train"], self.train_cfg.bn_batches, self.device)

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
-from pqsweep.options import (DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Int8Config, IterativeConfig,
-                             MixedConfig, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
+from pqsweep.options import (GRADIENT_CRITERIA, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
+                             Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
 from pqsweep.schema import (GROUPS, CacheConfig, LaunchConfig, MeasureConfig, SensitivityConfig, StudyConfig,
                             TrackingConfig, TrainConfig, number)
@@ -77,9 +77,14 @@ def unused(node, family: str) -> list[Check]:
     """The keys an option says it ignores (its `unused` fact) keep their schema's default: a run that took another
     value would record a setting that did nothing."""
     defaults = {f.name: f.default for f in dataclasses.fields(OmegaConf.get_type(node))}
-    return [Check(key, node[key], node[key] == defaults[key],
-                  f"{defaults[key] if defaults[key] is not None else 'null'}: {family}={node.name} does not use it")
-            for key in node.unused]
+    unknown = [key for key in node.unused if key not in defaults]
+    checks = [Check("unused", list(node.unused), not unknown,
+                    f"keys of the {family} schema ({', '.join(unknown)} is none)")]
+    for key in (k for k in node.unused if k in defaults):
+        allowed = defaults[key] if defaults[key] is not None else "null"
+        checks.append(Check(key, node[key], node[key] == defaults[key],
+                            f"{allowed}: {family}={node.name} does not use it"))
+    return checks
 
 
 def pruning(node) -> list[Check]:
@@ -96,12 +101,16 @@ def pruning(node) -> list[Check]:
     return checks
 
 
+def l1_filter(node) -> list[Check]:
+    return pruning(node) + [at_least("importance_batches", node.importance_batches, 1)]
+
+
 def option_value(option) -> str:
     return option.value if hasattr(option, "value") else str(option)
 
 
 def structured_unstructured(node) -> list[Check]:
-    return pruning(node) + [Check(key, node[key], 0.0 <= node[key] < 1.0, FRACTION)
+    return l1_filter(node) + [Check(key, node[key], 0.0 <= node[key] < 1.0, FRACTION)
                             for key in ("structured", "unstructured")]
 
 
@@ -169,6 +178,10 @@ def train(node) -> list[Check]:
     # after optimizer.lr's: by default it follows that lr, and a bad one should be named where it was typed
     checks.append(Check("finetune_lr", lr, lr is not None and lr > 0,
                         "a learning rate > 0 (by default a tenth of train.optimizer.lr)"))
+    alpha, temperature = node.distill.alpha, node.distill.temperature
+    checks += [Check("distill.alpha", alpha, 0.0 <= alpha <= 1.0, "a weight in [0, 1]"),
+               Check("distill.temperature", temperature, temperature > 0, "a temperature > 0"),
+               at_least("bn_batches", node.bn_batches, 0)]
     return checks
 
 
@@ -233,7 +246,7 @@ def nothing(node) -> list[Check]:
 
 CHECKS: dict[type, Callable[[Any], list[Check]]] = {
     ModelConfig: model, DatasetConfig: dataset, FakeDatasetConfig: fake_dataset,
-    PruningConfig: pruning, StructuredUnstructuredConfig: structured_unstructured, IterativeConfig: iterative,
+    PruningConfig: pruning, L1FilterConfig: l1_filter, StructuredUnstructuredConfig: structured_unstructured, IterativeConfig: iterative,
     QuantizationConfig: quantization, Int8Config: int8, QATConfig: qat, MixedConfig: mixed, FakeQuantConfig: fake_quant,
     TrainConfig: train, MeasureConfig: measure, TrackingConfig: tracking, CacheConfig: nothing, StudyConfig: study,
     SensitivityConfig: sensitivity, LaunchConfig: nothing,
@@ -254,6 +267,33 @@ def visible_cuda(device: str) -> Check:
     seen = f"cpu, or cuda:N with N < {count} (the CUDA devices visible)" if count else \
         "cpu: no CUDA device is visible (torch.cuda.device_count() is 0)"
     return Check("device", device, index < count, seen)
+
+
+def recovery(cfg: DictConfig) -> list[Check]:
+    """What distillation, BN re-estimation and the pruning criteria need of the model and its training."""
+    t, m = cfg.train, cfg.model
+    checks = []
+    if t.distill.enabled:  # the teacher is the baseline: with no training and no weights it knows nothing
+        checks.append(Check("train.distill.enabled", True, t.epochs > 0 or m.pretrained, "false, or a teacher that "
+                            "knows something: train.epochs > 0 or model.pretrained=true (train.epochs=0 makes the "
+                            "baseline, the teacher, an untrained net)"))
+    if t.bn_batches > 0:
+        checks.append(Check("train.bn_batches", t.bn_batches, m.batchnorm,
+                            f"0: model={m.name} has no BatchNorm layer to re-estimate"))
+    importance = cfg.pruning.get("importance")
+    if importance is not None and importance != Importance.l1:
+        name = option_value(importance)
+        checks.append(Check("pruning.importance", name, m.graph, f"l1: model={m.name} is pruned by pqsweep's own "
+                            "surgery, which Torch-Pruning's criteria cannot score (its dependency graph cannot "
+                            "trace it)"))
+        if importance == Importance.bn_scale:
+            checks.append(Check("pruning.importance", name, m.batchnorm,
+                                f"a criterion other than bn_scale: model={m.name} has no BatchNorm layer"))
+        if importance in GRADIENT_CRITERIA:
+            checks.append(Check("pruning.importance", name, not t.trainable, "a criterion that needs no gradients ("
+                                f"not {name}): train.trainable={list(t.trainable or [])} freezes layers whose "
+                                "gradients it would score by; or set train.trainable=null"))
+    return checks
 
 
 def validate(cfg: DictConfig) -> None:
@@ -278,6 +318,7 @@ def validate(cfg: DictConfig) -> None:
     if q.needs_zeros:
         checks.append(Check("pruning", p.name, p.zeroes_weights, f"an option that leaves zeros among the weights (its "
                             f"option file says zeroes_weights: true) with quantization={q.name}, which stores them"))
+    checks += recovery(cfg)
     if cfg.export != Export.none:
         backend = option_value(q.get("backend", "")) if "backend" in q else ""
         formats = [e.partition("@")[0] for e in q.exports if e.partition("@")[2] in ("", backend)]

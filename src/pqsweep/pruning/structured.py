@@ -19,9 +19,11 @@ import torch
 import torch_pruning as tp
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2
 
 from pqsweep.pruning.unstructured import global_magnitude, read_layer_amounts
+from pqsweep.train import batches
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,62 @@ SCOPES = ("layer", "global")
 
 
 def l1_filter(model: nn.Module, cfg, ctx) -> nn.Module:
-    """`pruning=l1_filter`: remove `amount` of the filters of every layer (scope=layer) or of all (scope=global)."""
+    """`pruning=l1_filter`: remove `amount` of the filters of every layer (scope=layer) or of all (scope=global),
+    ranked by `importance` (Li et al.'s L1 norm by default)."""
     return prune_filters(model, ctx.example, float(cfg.amount), _scope(cfg), read_layer_amounts(cfg),
-                         keep_tied=bool(cfg.get("keep_tied", False)))
+                         keep_tied=bool(cfg.get("keep_tied", False)), importance=criterion(model, cfg, ctx))
+
+
+def criterion(model: nn.Module, cfg, ctx) -> tp.importance.Importance:
+    """The importance `cfg.importance` names, ready to score `model`: Taylor and Hessian with the gradients of
+    `cfg.importance_batches` training batches already in the model's `.grad` (prune_filters clears them)."""
+    name = str(getattr(cfg.get("importance"), "value", cfg.get("importance") or "l1"))
+    importance = CRITERIA[name]()
+    if name in GRADIENTS:
+        GRADIENTS[name](model, batches(ctx.loaders["train"], int(cfg.importance_batches)), ctx.device)
+    return importance
+
+
+def _taylor_gradients(model: nn.Module, data, device: str) -> None:
+    """dL/dw summed over the batches (eval mode: BatchNorm's statistics stay as they are)."""
+    model.to(device).eval().zero_grad(set_to_none=True)
+    for x, y in data:
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    model.cpu()
+
+
+def _fisher_diagonal(model: nn.Module, data, device: str) -> None:
+    """The mean squared per-sample gradient (the empirical Fisher, OBD's Hessian diagonal), put in each `.grad`,
+    where GroupHessianImportance reads it when it has accumulated none itself. Its own `accumulate_grad` keys its
+    sums by parameter but tests for them by name, so each call replaces the sum (torch-pruning 1.6.1)."""
+    model.to(device).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    squares, count = [torch.zeros_like(p) for p in params], 0
+    for x, y in data:
+        for loss in F.cross_entropy(model(x.to(device)), y.to(device), reduction="none"):
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            for total, grad in zip(squares, grads):
+                if grad is not None:
+                    total += grad.detach() ** 2
+            count += 1
+    for p, total in zip(params, squares):
+        p.grad = total / count
+    model.cpu()
+
+
+# Torch-Pruning's criteria unnormalised (`_select` normalises where it ranks globally); LAMP's normaliser is its
+# definition, so its scores already compare across layers.
+CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: FilterL1Importance(),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2, normalizer=None),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(normalizer=None),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer=None),
+    "fpgm": lambda: tp.importance.FPGMImportance(normalizer=None),
+    "lamp": lambda: tp.importance.LAMPImportance(),
+    "hessian": lambda: tp.importance.GroupHessianImportance(normalizer=None),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+GRADIENTS = {"taylor": _taylor_gradients, "hessian": _fisher_diagonal}
 
 
 def structured_step(model: nn.Module, cfg, ctx) -> nn.Module:
@@ -41,7 +96,7 @@ def structured_step(model: nn.Module, cfg, ctx) -> nn.Module:
     layer_amounts = read_layer_amounts(cfg)
     if cfg.structured > 0 or layer_amounts:
         model = prune_filters(model, ctx.example, float(cfg.structured), _scope(cfg), layer_amounts,
-                              keep_tied=bool(cfg.get("keep_tied", False)))
+                              keep_tied=bool(cfg.get("keep_tied", False)), importance=criterion(model, cfg, ctx))
         ctx.finetune(model, desc="finetune structured")
     return model
 
@@ -53,8 +108,10 @@ def structured_unstructured(model: nn.Module, cfg, ctx) -> nn.Module:
 
 
 def prune_filters(model: nn.Module, example: torch.Tensor, amount: float, scope: str = "layer",
-                  layer_amounts: dict[str, float] | None = None, keep_tied: bool = False) -> nn.Module:
-    """Remove the filters with the smallest L1 norms, `amount` of them per layer or ranked globally, in place.
+                  layer_amounts: dict[str, float] | None = None, keep_tied: bool = False,
+                  importance: tp.importance.Importance | None = None) -> nn.Module:
+    """Remove the filters `importance` scores lowest (by default the smallest L1 norms), `amount` of them per layer
+    or ranked globally, in place.
 
     `layer_amounts` {module name: fraction} overrides `amount` for the channels that module produces (and the
     layers tied to them). At least one channel of every layer survives; the model's last nn.Linear (the
@@ -71,15 +128,24 @@ def prune_filters(model: nn.Module, example: torch.Tensor, amount: float, scope:
     unknown = sorted(set(layer_amounts) - {name for name, _ in model.named_modules()})
     if unknown:
         raise ValueError(f"pruning.layer_amounts names layers the model does not have: {', '.join(unknown)}")
+    importance = importance or FilterL1Importance()
     if amount == 0 and not any(layer_amounts.values()):
+        model.zero_grad(set_to_none=True)
         return model
-    units = _shufflenet_units(model) if isinstance(model, ShuffleNetV2) else _graph_units(model, example)
+    if isinstance(model, ShuffleNetV2):
+        if not isinstance(importance, FilterL1Importance):
+            raise ValueError("pruning.importance: ShuffleNetV2 is pruned by pqsweep's own surgery, by L1 norm only")
+        units = _shufflenet_units(model)
+    else:
+        units = _graph_units(model, example, importance)
+    model.zero_grad(set_to_none=True)  # the gradients a criterion scored by
     if keep_tied:
         units = [unit for unit in units if not unit.tied]
     for name in sorted(set(layer_amounts) - {member for unit in units for member in unit.members}):
         # A sensitivity scan also ranks the classifier and layers tied to a shuffle; their channels stay whole.
         log.info("l1_filter: %s has no prunable output channels here; layer_amounts[%s] not applied", name, name)
-    for unit, idxs in _select(units, amount, scope, layer_amounts):
+    normalised = isinstance(importance, tp.importance.LAMPImportance)
+    for unit, idxs in _select(units, amount, scope, layer_amounts, normalise=not normalised):
         if idxs:
             unit.remove(idxs)
     return model
@@ -110,7 +176,8 @@ class _Unit:
         return next((layer_amounts[name] for name in self.members if name in layer_amounts), None)
 
 
-def _select(units: list[_Unit], amount: float, scope: str, layer_amounts) -> list[tuple[_Unit, list[int]]]:
+def _select(units: list[_Unit], amount: float, scope: str, layer_amounts,
+            normalise: bool = True) -> list[tuple[_Unit, list[int]]]:
     """Which channels each unit loses: its own lowest `fraction` (scope=layer, or a layer named in layer_amounts),
     or the lowest `amount` of all the other units' channels ranked together (scope=global). Every unit keeps at
     least one channel."""
@@ -127,7 +194,8 @@ def _select(units: list[_Unit], amount: float, scope: str, layer_amounts) -> lis
     if ranked:
         # Each unit's scores over their mean (Torch-Pruning's default normaliser): this changes no ranking within
         # a layer, and lets one ranking compare layers whose filters have very different fan-ins.
-        normalised = [unit.scores / unit.scores.mean().clamp_min(1e-12) for unit in ranked]
+        normalised = [unit.scores / unit.scores.mean().clamp_min(1e-12) if normalise else unit.scores
+                      for unit in ranked]
         flat = torch.cat(normalised)
         n_remove = len(flat) - int(len(flat) * (1 - amount))
         # The n lowest by position, not `score <= threshold`: equal scores must not take a whole layer at once.
@@ -163,8 +231,11 @@ class FilterL1Importance(tp.importance.GroupMagnitudeImportance):
         return self._reduce(scores, root_idxs) if scores else None
 
 
-def _graph_units(model: nn.Module, example: torch.Tensor) -> list[_Unit]:
-    """One unit per group of Torch-Pruning's dependency graph rooted at a Conv2d or Linear, classifier excepted.
+def _graph_units(model: nn.Module, example: torch.Tensor,
+                 importance: tp.importance.Importance | None = None) -> list[_Unit]:
+    """One unit per group of Torch-Pruning's dependency graph rooted at a Conv2d or Linear, classifier excepted,
+    scored by `importance` (default: L1 of the filters). A group the criterion cannot score (bn_scale where no
+    BatchNorm follows a layer) stays whole, and the log says so.
 
     The graph's groups are used directly rather than through `BasePruner`: where a ratio rounds to every channel
     of a layer, BasePruner leaves that layer whole (`check_pruning_group`); `_select` keeps its best channel.
@@ -175,12 +246,16 @@ def _graph_units(model: nn.Module, example: torch.Tensor) -> list[_Unit]:
     model.eval()  # tracing runs one forward pass: in train mode it would move the BN running statistics
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     model.train(training)
-    importance = FilterL1Importance()
+    importance = importance or FilterL1Importance()
     units = []
     for group in graph.get_all_groups(ignored_layers=list(head.modules()), root_module_types=[nn.Conv2d, nn.Linear]):
         scores = importance(group)
         if scores is None:
+            if not isinstance(importance, FilterL1Importance):
+                log.info("%s: %s cannot be scored by it; its channels stay whole", type(importance).__name__,
+                         names.get(group[0].dep.target.module, "a layer"))
             continue
+        scores = scores.detach().float().cpu()
         members = [names[dep.target.module] for dep, _ in group
                    if graph.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
         root = group[0].dep
