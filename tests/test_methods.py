@@ -94,10 +94,16 @@ STORED = {  # option: (size_mb share low, high, theoretical share low, high)
 QUANT_MAX_DROP = 1.5
 
 
+def zeros_for(quantization: str) -> list[str]:
+    """An option that stores the zeros of unstructured pruning (sparse) is refused without them: half the weights."""
+    return ["pruning=global_magnitude", "pruning.amount=0.5"] if option("quantization", quantization).needs_zeros \
+        else []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", options("quantization"))
 def test_every_quantization_option_runs_on_the_small_model(make_cfg, quantization):
-    result = run(make_cfg(*SMALL, f"quantization={quantization}"))
+    result = run(make_cfg(*SMALL, f"quantization={quantization}", *zeros_for(quantization)))
     metrics, base = result.metrics, result.baseline_metrics
     assert finite(metrics)
     assert metrics["top1"] >= base["top1"] - QUANT_MAX_DROP
@@ -125,7 +131,8 @@ LARGE_SIZE = {"fp16": (0.49, 0.51), "bf16": (0.49, 0.51), "dynamic_int8": (0.99,
 @pytest.mark.parametrize("quantization", [q for q in options("quantization") if q != "none"])
 def test_every_quantization_option_runs_on_a_large_model(make_cfg, quantization):
     calibrates = "calibration_batches" in option("quantization", quantization)
-    overrides = [*LARGE, f"quantization={quantization}", *(["quantization.calibration_batches=1"] if calibrates else [])]
+    overrides = [*LARGE, f"quantization={quantization}", *(["quantization.calibration_batches=1"] if calibrates else []),
+                 *zeros_for(quantization)]
     result = run(make_cfg(*overrides))
     assert finite(result.metrics)
     low, high = LARGE_SIZE.get(quantization, (0.0, 1.0))

@@ -161,3 +161,21 @@ def test_a_task_that_returned_its_error_fails_with_that_error_and_one_with_its_o
     assert returned({"top1": float("nan"), "size_mb": 0.1})[1].startswith("the task returned no top1")
     raised = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("shapes do not match\nmore"))
     assert Loop.outcome_of(raised, ["top1"]) == (None, "RuntimeError: shapes do not match")
+
+
+def test_study_seeds_adds_train_seed_as_the_slowest_axis_from_the_configured_seed():
+    space = spaces.with_seeds(grid("train.seed=3", "train.epochs=2"), 3, 2)
+    assert space.choices["train.seed"] == [3, 4] and list(space.choices)[0] == "train.seed"
+    assert space.overrides == ("train.epochs=2",)  # the first seed given on the command line is the points' own
+    points = space.points()
+    assert len(points) == 18 and {p["train.seed"] for p in points[:9]} == {3}  # a seed's points run together
+    assert spaces.with_seeds(grid(), 0, 1) == grid()  # one seed: the grid as it was, and the study as it was stored
+    assert "train.seed" in space.stored()  # a resumed study must ask for the same seeds
+
+
+def test_study_seeds_is_refused_for_a_search_and_beside_a_swept_train_seed():
+    search = spaces.build(FILE, [], False, lambda key: False, "s")
+    with pytest.raises(StudyMismatch, match=r"^study.seeds=3 is not allowed: must be 1 with a search sampler"):
+        spaces.with_seeds(search, 0, 3)
+    with pytest.raises(StudyMismatch, match=r"^study.seeds=2 is not allowed: must be 1 where train.seed is swept"):
+        spaces.with_seeds(grid("train.seed=0,1"), 0, 2)

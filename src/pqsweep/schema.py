@@ -97,6 +97,10 @@ class StudyConfig:
     # told as Optuna constraints, so they spend their trials inside it; a grid runs every point anyway. The sweeper
     # refuses a bad one in one line before it opens a store.
     constraints: List[str] = shapes("study", factory=list)
+    # Run every grid point at this many seeds, train.seed, train.seed + 1, ...: each seed trains its own baseline,
+    # shared by that seed's points; pqsweep-report shows each point as mean +- 95 % CI and compares options paired
+    # by seed (--compare). A grid's; a search samples each point once.
+    seeds: int = shapes("study", default=1, added=True)
 
 
 @dataclass

@@ -222,7 +222,8 @@ def tracking(node) -> list[Check]:
 
 def study(node) -> list[Check]:
     ok = bool(node.objectives) and all(name in OBJECTIVES for name in node.objectives)
-    return [Check("objectives", list(node.objectives), ok, f"metric names among {', '.join(OBJECTIVES)}")]
+    return [Check("objectives", list(node.objectives), ok, f"metric names among {', '.join(OBJECTIVES)}"),
+            at_least("seeds", node.seeds, 1)]
 
 
 # Never test: the amounts a sensitivity scan chooses are a decision, and test data must not make it.

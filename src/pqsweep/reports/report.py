@@ -6,6 +6,7 @@
     pqsweep-report NAME --budget "top1_delta>=-1"                      # the most compressed trial per method
     pqsweep-report A B                                                 # several sweeps' fronts, overlaid
     pqsweep-report --run <parent run id> --csv t.csv --markdown t.md --latex t.tex
+    pqsweep-report NAME --compare train.distill.enabled                 # paired by seed: Δ, 95 % CI, real or not
 
 The front is computed from the trial runs' metrics, so it covers Hydra's basic sweeps as well as Optuna studies, and
 partly finished or failed sweeps (a failed trial is shown, never put on the front). Where the sweep is an Optuna study,
@@ -22,11 +23,34 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pqsweep.reports import pareto
+from pqsweep.reports import pareto, seeds
 from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.tracking import resolve_uri
+
+
+def seed_tables(args, rows: list[Row], swept: list[str], objectives) -> dict[str, tuple[str, list, list[list]]]:
+    """Where the trials ran at several seeds: each point over its seeds, and each --compare; printed, and returned
+    by file stem for the report's folder."""
+    name = args.metric or objectives[0].name
+    tables = {}
+    if seeds.seeded(rows):
+        metrics = list(dict.fromkeys([name, *(o.name for o in objectives)]))
+        tables["seeds"] = (f"over seeds: mean ± 95 % CI (Student's t), n seeds", *seeds.summary(rows, swept, metrics))
+    for i, text in enumerate(args.compare):
+        factor, _, wanted = text.partition("=")
+        try:
+            header, body = seeds.compare(rows, swept, factor, name, wanted.split(",") if wanted else None)
+        except ValueError as error:
+            raise SystemExit(f"pqsweep-report: {error}") from None
+        tables[f"compare-{i + 1}"] = (f"{factor}: {name} paired by seed, each option against "
+                                      f"{(wanted or seeds.levels(rows, factor)[0]).split(',')[0]}; real where the 95 % "
+                                      "CI excludes 0", header, body)
+    for title, header, body in tables.values():
+        print(title)
+        print(render(header, body))
+    return tables
 
 
 def paper_tables(path: str | None, sweeps: list[Sweep], rows: list[Row]) -> list:
@@ -107,6 +131,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
     parser.add_argument("--storage", help="the Optuna storage, where the parent run's tag masks its password")
     parser.add_argument("--paper", help="a paper's values as CSV (default: sweeps/<sweep>.paper.csv where it exists)")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY[=A,B,..]",
+                        help="a swept key's options against its first (or A), paired by seed: the difference, its "
+                             "95 %% CI over seeds and whether it excludes 0 (trials run at several seeds)")
+    parser.add_argument("--metric", help="the metric --compare and the seeds table compare (default: the first "
+                        "objective)")
     args = parser.parse_args(argv)
     if not (args.sweeps or args.run or args.list):
         parser.error("name a sweep (or --run ID, or --list)")
@@ -168,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                      [[m] + ([shown(r, c) for c in cells] + [r.run.info.run_id] if r else ["-"] * (len(cells) + 1))
                       for m, r in chosen.items()]))
 
+    over_seeds = seed_tables(args, rows, swept, objectives)
     papers = paper_tables(args.paper, sweeps, rows)
     for title, paper_header, paper_body in papers:
         print(f"{title}: ours (mean ± sd over seeds where several), the paper's value, ours - paper")
@@ -189,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
         Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body))
         Path(f"{stem}.tex").write_text(latex(paper_header, paper_body))
         written += [Path(f"{stem}.{ext}") for ext in ("csv", "md", "tex")]
+    for stem, (title, seed_header, seed_body) in over_seeds.items():
+        (out / f"{stem}.md").write_text(f"{title}\n\n" + markdown(seed_header, seed_body))
+        written.append(out / f"{stem}.md")
     if written:
         print(f"wrote {len(written)} files under {out}")
     if not args.no_log and len(sweeps) == 1:

@@ -58,6 +58,7 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
     name = plugin.study_name or ADHOC
     space = spaces.build(dict(plugin.params or {}), arguments, grid, lambda key: identity.is_late(config, key),
                          name)
+    space = spaces.with_seeds(space, config.train.seed, config.study.seeds)
     bounds = bounds_of(config)
     loader = plugin.hydra_context.config_loader
     space, said = spaces.with_conditions(space, lambda overrides: loader.load_sweep_config(config, overrides))

@@ -140,6 +140,26 @@ def build(file_params: dict[str, Any], arguments: list[str], grid: bool, late: C
     return Space(grid, distributions, choices, overrides)
 
 
+SEED = "train.seed"
+
+
+def with_seeds(space: Space, first: int, n: int) -> Space:
+    """The grid with train.seed as one more axis, first .. first + n - 1 (study.seeds=n), varied slowest, so each
+    seed's points run one after another and share that seed's baseline."""
+    if n == 1:
+        return space
+    if not space.grid:
+        raise StudyMismatch(f"study.seeds={n} is not allowed: must be 1 with a search sampler, which samples each "
+                            "point once (sweep train.seed among the keys it searches, or use the grid sampler)")
+    if SEED in space.distributions:
+        raise StudyMismatch(f"study.seeds={n} is not allowed: must be 1 where train.seed is swept itself (the seeds "
+                            f"{', '.join(map(str, space.choices[SEED]))} are already an axis)")
+    seeds = list(range(first, first + n))
+    distributions = {SEED: CategoricalDistribution(seeds), **space.distributions}
+    overrides = tuple(o for o in space.overrides if not o.startswith(SEED + "="))  # the first seed is the point's
+    return Space(True, distributions, {SEED: seeds, **space.choices}, overrides, space.conditions)
+
+
 def with_conditions(space: Space, compose: Callable[[list[str]], DictConfig]) -> tuple[Space, list[str]]:
     """The space with its conditional keys, and a line for each: a swept key `g.k` under a swept group `g` that not
     every option of `g` has (fake_quant's bits_w) is suggested only where the chosen option has it, as Optuna's
