@@ -90,6 +90,10 @@ BAD = {
                                 "pruning.importance"),
     "no batches for a gradient criterion": ("pruning=l1_filter pruning.importance=taylor pruning.importance_batches=0",
                                             "pruning.importance_batches"),
+    "AdaRound where int8 conversion re-rounds": ("quantization=static_int8 quantization.rounding=adaround",
+                                                 "quantization.rounding"),
+    "AdaRound iterations with nearest rounding": ("quantization=fake_quant quantization.adaround_iterations=50",
+                                                  "quantization.adaround_iterations"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

@@ -78,6 +78,14 @@ class Importance(str, Enum):
 GRADIENT_CRITERIA = (Importance.taylor, Importance.hessian)  # their scores need gradients from training batches
 
 
+class Rounding(str, Enum):
+    """How fake_quant rounds weights to their grid: to the nearest point, or as AdaRound learns from calibration
+    batches that each layer's output is reconstructed best (pqsweep.quantization.adaround)."""
+
+    nearest = "nearest"
+    adaround = "adaround"
+
+
 class Export(str, Enum):
     none = "none"
     onnx = "onnx"
@@ -233,4 +241,7 @@ class FakeQuantConfig(QuantizationConfig):
     bits_a: int = shapes("trial", default=8)  # activation bits, 2..16
     symmetric: bool = shapes("trial", default=True)  # symmetric (zero-point 0) or asymmetric (affine) ranges
     granularity: Granularity = shapes("trial", default=Granularity.per_channel)  # weights; activations per tensor
-    calibration_batches: int = shapes("trial", default=8)  # batches that set the activation ranges
+    calibration_batches: int = shapes("trial", default=8)  # batches that set the activation ranges (and AdaRound's)
+    rounding: Rounding = shapes("trial", default=Rounding.nearest, added=True)  # of the weights
+    # Adam steps per layer that AdaRound learns its rounding in (the paper: 10,000; a few hundred on a small net)
+    adaround_iterations: int = shapes("trial", default=1000, added=True)

@@ -10,6 +10,7 @@ only for device=cuda, and for its hub folder only for model.pretrained=true).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -20,10 +21,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pqsweep import environment
-from pqsweep.schema import register
+from pqsweep.schema import OPTION_GROUPS, register
 from pqsweep.checks import ConfigError, refuse_first
 from pqsweep.validate import validate
 
@@ -58,7 +59,22 @@ def expand(overrides: list[str]) -> tuple[list[str], list[list[str]]]:
     return fixed, sweeps
 
 
-def one_line(override: str, error: Exception, config_name: str = "config", search: list[str] = ()) -> str:
+def options_having(hydra: Hydra, config_name: str, group: str, name: str) -> list[str]:
+    """The options of `group` whose schema has the key `name` (each option composed alone)."""
+    loader = GlobalHydra.instance().config_loader()
+    found = []
+    for option in loader.get_group_options(group, config_name=config_name):
+        try:
+            node = compose(hydra, config_name, [f"{group}={option}"])[group]
+        except Exception:  # noqa: BLE001 - an option that does not compose alone has nothing to offer here
+            continue
+        if name in node:
+            found.append(option)
+    return found
+
+
+def one_line(override: str, error: Exception, config_name: str = "config", search: list[str] = (),
+             hydra: Hydra | None = None) -> str:
     """Hydra's and OmegaConf's multi-line messages, reduced to the key, the value and what is allowed.
 
     `search` holds the command line's `hydra.searchpath` overrides: the allowed options include the user's own.
@@ -71,6 +87,14 @@ def one_line(override: str, error: Exception, config_name: str = "config", searc
         options = loader.get_group_options(group, config_name=config_name, overrides=list(search))
         return f"{group}={option} is not an option; allowed: {', '.join(options)}"
     cause = error.__cause__ if isinstance(error, ConfigCompositionException) and error.__cause__ else error
+    key = getattr(cause, "full_key", None) or ""
+    group, _, name = key.partition(".")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and group in OPTION_GROUPS and name and "." not in name and hydra:
+        value = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", override)
+        having = options_having(hydra, config_name, group, name)
+        if value and having:
+            return (f"{key}={value.group(1)} is not allowed: must be set with a {group} option that has it "
+                    f"({group}={', '.join(having)})")
     if isinstance(cause, OmegaConfBaseException):
         message = str(cause).splitlines()[0]
         key = getattr(cause, "full_key", None)
@@ -130,7 +154,7 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
             checked(cfg)
             refuse_first(environment.checks(with_hydra_values(hydra, config_name, fixed, overrides, cfg), multirun))
         except Exception as error:  # noqa: BLE001 - every failure becomes one line
-            return one_line(" ".join(overrides), error, config_name, search)
+            return one_line(" ".join(overrides), error, config_name, search, hydra)
         # A sweep file's own grid (hydra.sweeper.params) is checked like a command-line sweep, except for the
         # keys the command line sets itself: those replace the file's grid entries.
         params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
@@ -141,7 +165,7 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
                 try:
                     checked(compose(hydra, config_name, fixed + [override]))
                 except Exception as error:  # noqa: BLE001
-                    return one_line(override, error, config_name, search)
+                    return one_line(override, error, config_name, search, hydra)
     return None
 
 

@@ -19,7 +19,7 @@ from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
 from pqsweep.options import (GRADIENT_CRITERIA, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
-                             Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
+                             Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
 from pqsweep.schema import (GROUPS, CacheConfig, LaunchConfig, MeasureConfig, SensitivityConfig, StudyConfig,
                             TrackingConfig, TrainConfig, number)
@@ -157,7 +157,11 @@ def mixed(node) -> list[Check]:
 def fake_quant(node) -> list[Check]:
     # bits_w first: `bits` follows it, and the error should name the key the user typed
     return [Check(key, node[key], 2 <= node[key] <= 16, "an integer in 2..16") for key in ("bits_w", "bits_a")] \
-        + quantization(node) + [at_least("calibration_batches", node.calibration_batches, 1)]
+        + quantization(node) + [at_least("calibration_batches", node.calibration_batches, 1),
+                                at_least("adaround_iterations", node.adaround_iterations, 1),
+                                Check("adaround_iterations", node.adaround_iterations,
+                                      node.rounding == Rounding.adaround or node.adaround_iterations == 1000,
+                                      "1000 (its default): rounding=nearest does not use it")]
 
 
 def train(node) -> list[Check]:

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from pqsweep.quantization.adaround import Grid, adaround, layer_function
+
 QUANTIZED_LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -62,13 +64,19 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
 
 
 @torch.no_grad()
-def quantize_weight(weight: torch.Tensor, bits: int, symmetric: bool, per_channel: bool) -> torch.Tensor:
-    """The weight rounded to `bits` bits and dequantized (same shape, float32)."""
+def weight_grid(weight: torch.Tensor, bits: int, symmetric: bool, per_channel: bool) -> Grid:
+    """The grid a weight is rounded to: per output channel or per tensor, shaped to broadcast against the weight."""
     flat = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
     # Weights use the signed grid even when a channel happens to be all positive, as int8 weights do.
-    scale, zero_point, qmin, qmax = qparams(-flat.abs().amax(1) if symmetric else flat.amin(1), flat.amax(1),
-                                            bits, symmetric)
-    return fake_quantize(flat, scale[:, None], zero_point[:, None], qmin[:, None], qmax[:, None]).reshape(weight.shape)
+    found = qparams(-flat.abs().amax(1) if symmetric else flat.amin(1), flat.amax(1), bits, symmetric)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return Grid(*(t.reshape(shape) for t in found))
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, bits: int, symmetric: bool, per_channel: bool) -> torch.Tensor:
+    """The weight rounded to the nearest point of its `bits`-bit grid and dequantized (same shape, float32)."""
+    return weight_grid(weight, bits, symmetric, per_channel).nearest(weight)
 
 
 class FakeQuantized(nn.Module):
@@ -101,13 +109,47 @@ def fake_quant(model: nn.Module, cfg, ctx) -> nn.Module:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
     batches = [x.cpu() for x, _ in islice(ctx.loaders["train"], cfg.calibration_batches)]
     ranges = _input_ranges(model, [layer for _, layer in layers], batches)
+    grids = [weight_grid(layer.weight.data, cfg.bits_w, cfg.symmetric, per_channel) for _, layer in layers]
+    if str(getattr(cfg.get("rounding"), "value", cfg.get("rounding"))) == "adaround":
+        _adaround(model, layers, grids, batches, int(cfg.adaround_iterations))
+    else:
+        for (_, layer), grid in zip(layers, grids):
+            layer.weight.data = grid.nearest(layer.weight.data)
     for (name, layer), (lo, hi) in zip(layers, ranges):
-        layer.weight.data = quantize_weight(layer.weight.data, cfg.bits_w, cfg.symmetric, per_channel)
         layer.weight_bits = int(cfg.bits_w)
         parent, _, attr = name.rpartition(".")
         # fuse() returns a GraphModule whose code looks submodules up by name at call time, so it runs the wrapper
         setattr(model.get_submodule(parent), attr, FakeQuantized(layer, cfg.bits_a, cfg.symmetric, lo, hi))
     return model.eval()
+
+
+def _adaround(model: nn.Module, layers: list[tuple[str, nn.Module]], grids: list[Grid], batches, iterations: int):
+    """Each layer's weight rounded by AdaRound, in order: its inputs as the layers rounded before it leave them, its
+    targets the float layer's outputs on the float model's inputs (pqsweep.quantization.adaround)."""
+    float_model = copy.deepcopy(model)
+    float_inputs = _inputs(float_model, [float_model.get_submodule(name) for name, _ in layers], batches)
+    generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)).item()))  # from train.seed
+    for (name, layer), grid, x in zip(layers, grids, float_inputs):
+        forward = layer_function(layer)
+        with torch.no_grad():
+            targets = forward(x, layer.weight)
+        (reaching,) = _inputs(model, [layer], batches)
+        layer.weight.data = adaround(layer.weight.data, grid, forward, reaching, targets, iterations, generator)
+
+
+@torch.no_grad()
+def _inputs(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What reaches each of `layers` over the batches, concatenated."""
+    seen = {id(layer): [] for layer in layers}
+    hooks = [layer.register_forward_pre_hook(lambda module, args: seen[id(module)].append(args[0].detach()))
+             for layer in layers]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(seen[id(layer)]) for layer in layers]
 
 
 @torch.no_grad()
