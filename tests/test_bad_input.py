@@ -94,6 +94,12 @@ BAD = {
                                                  "quantization.rounding"),
     "AdaRound iterations with nearest rounding": ("quantization=fake_quant quantization.adaround_iterations=50",
                                                   "quantization.adaround_iterations"),
+    "reinit after one-shot pruning": ("pruning=global_magnitude pruning.rewind=reinit", "pruning.rewind"),
+    "a rewind epoch beyond the baseline's": ("pruning=global_magnitude pruning.rewind=weights pruning.rewind_epoch=10",
+                                             "pruning.rewind_epoch"),
+    "a rewind epoch with plain fine-tuning": ("pruning=global_magnitude pruning.rewind_epoch=2", "pruning.rewind_epoch"),
+    "rewinding after quantize_then_prune": ("pruning=global_magnitude pruning.rewind=lr quantization=static_int8 "
+                                            "quantization.order=quantize_then_prune", "pruning.rewind"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

@@ -266,3 +266,73 @@ def test_each_models_batchnorm_fact_is_true(name):
     model = get_method(cfg._target_)(num_classes=10, in_channels=3, pretrained=False)
     has = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert cfg.batchnorm == has, f"conf/model/{name}.yaml says batchnorm: {cfg.batchnorm}"
+
+
+# --- rewinding ---------------------------------------------------------------------------------------------------
+
+
+def test_the_rewind_stage_holds_the_baselines_weights_at_that_epoch(make_cfg):
+    from nets import stage_entry
+
+    data = ("dataset=digits", "dataset.num_samples=300", "measure.warmup=0", "measure.repeats=2")
+    cfg = make_cfg(*data, "train.epochs=3", "pruning=global_magnitude", "pruning.amount=0.5",
+                   "pruning.rewind=weights", "pruning.rewind_epoch=1")
+    pipeline.run(cfg)
+    one_epoch = pipeline.run(make_cfg(*data, "train.epochs=1"))  # the same training, stopped after its first epoch
+    replayed = stage_entry(cfg, "rewind")["state_dict"]
+    for name, value in one_epoch.baseline.state.items():
+        assert torch.equal(replayed[name], value), name
+
+
+def rewinding(digits, rewind: str, epochs: int, k: int, trained, *train: str):
+    ctx = finetuning(digits, f"train.epochs={epochs}", *train)
+    ctx.rewind, ctx.rewind_epoch = rewind, k
+    ctx.rewind_state = {name: v + 1.0 for name, v in trained.state_dict().items()}  # recognisable weights
+    model = get_method("pqsweep.pruning.unstructured.global_magnitude")(
+        copy.deepcopy(trained), option("pruning", "global_magnitude", "amount=0.5"), ctx)
+    masks = [p == 0 for p in (model[0].weight, model[8].weight)]
+    pruned = copy.deepcopy(model)
+    ctx.retrain(model)
+    return pruned, model, masks
+
+
+def test_weight_rewinding_puts_the_survivors_at_epoch_k_and_keeps_the_pruned_at_zero(trained_wide, digits):
+    _, model, masks = rewinding(digits, "weights", 2, 2, trained_wide)  # epochs - k = 0: nothing trained after
+    expected = trained_wide.state_dict()
+    for layer, mask, index in zip((model[0], model[8]), masks, (0, 8)):
+        assert (layer.weight[mask] == 0).all()
+        assert torch.equal(layer.weight[~mask], expected[f"{index}.weight"][~mask] + 1.0)
+
+
+def test_lr_rewinding_keeps_the_pruned_weights_and_retrains_the_remaining_epochs(trained_wide, digits):
+    pruned, kept, _ = rewinding(digits, "lr", 2, 2, trained_wide)
+    assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), kept.state_dict().values()))
+    pruned, retrained, masks = rewinding(digits, "lr", 3, 2, trained_wide)  # one epoch: it trains
+    assert not torch.equal(pruned[8].weight, retrained[8].weight) and (retrained[8].weight[masks[1]] == 0).all()
+
+
+def test_retraining_starts_the_schedule_at_epoch_k(digits):
+    from pqsweep.train import fit
+
+    def first_step(k: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        cfg = compose_cfg("train.optimizer._target_=torch.optim.SGD", "train.optimizer.lr=0.1",
+                          "+train.scheduler={_target_: torch.optim.lr_scheduler.StepLR, step_size: 1, gamma: 0.1}")
+        before = model[1].weight.detach().clone()
+        steps = []
+        fit(model, loader(digits.train), cfg.train, 1, after_step=lambda: steps.append(
+            (model[1].weight.detach() - before).clone()) if not steps else None, start_epoch=k)
+        return steps[0]
+
+    assert torch.allclose(first_step(2), first_step(0) * 0.01, atol=1e-7)  # lr 0.1 x 0.1^2 from epoch 2 on
+
+
+def test_iterative_pruning_rewinds_and_retrains_after_every_round(trained_wide, digits, monkeypatch, make_cfg):
+    retrained = []
+    monkeypatch.setattr(pipeline.Context, "retrain", lambda self, model, desc="retrain": retrained.append(desc))
+    cfg = make_cfg("pruning=iterative", "pruning.rounds=3", "pruning.rewind=lr", "pruning.rewind_epoch=1")
+    ctx = finetuning(digits)
+    ctx.rewind = "lr"
+    pipeline.prune_and_finetune(cfg, copy.deepcopy(trained_wide), ctx)
+    assert retrained == ["retrain round 1/3", "retrain round 2/3", "retrain"]  # the last round's, by the pipeline

@@ -43,11 +43,20 @@ Scope.__doc__ = "layer: the same fraction in every prunable layer. global: one r
 
 
 class Rewind(str, Enum):
-    """After each round of iterative pruning: fine-tune the surviving weights, or re-initialise them to their
-    values at initialisation and retrain (003: fine-tune large nets, re-initialise compact ones)."""
+    """What the surviving weights do after pruning. finetune: train on from where they are, train.finetune_epochs at
+    the fine-tuning rate. reinit (iterative only): back to their values at initialisation, then retrained (003:
+    fine-tune large nets, re-initialise compact ones). weights: back to their values at epoch `rewind_epoch` of the
+    baseline's training, then retrained for the rest of its epochs on its learning-rate schedule from that epoch
+    (Frankle et al.'s rewinding; Renda et al.). lr: kept as they are, retrained the same way (Renda et al.'s
+    learning-rate rewinding)."""
 
     finetune = "finetune"
     reinit = "reinit"
+    weights = "weights"
+    lr = "lr"
+
+
+RETRAINED = (Rewind.weights, Rewind.lr)  # retrained on the baseline's own schedule from rewind_epoch
 
 
 class Schedule(str, Enum):
@@ -157,6 +166,10 @@ class PruningConfig:
     stored_weights: bool = fact(False)  # prunes weights as stored (fp16, int8): allowed with quantize_then_prune
     per_layer: bool = fact(False)  # takes per-layer amounts (layer_amounts); pqsweep-sensitivity scans such methods
     zeroes_weights: bool = fact(True)  # leaves zeros among the weights (unstructured), which quantization=sparse needs
+    # After pruning: fine-tune (the default), or rewind the weights or the learning rate to epoch `rewind_epoch` of the
+    # baseline's training and retrain for its remaining epochs (Rewind)
+    rewind: Rewind = shapes("prune", default=Rewind.finetune, added=True)
+    rewind_epoch: int = shapes("rewind", "prune", default=0, added=True)  # k, in [0, train.epochs)
     unused: List[str] = fact(factory=list)  # keys of the family it ignores: another value than their default is refused
 
 

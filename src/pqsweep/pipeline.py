@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from pqsweep import measure
 from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
-from pqsweep.options import Export, Order
+from pqsweep.options import RETRAINED, Export, Order
 from pqsweep.train import Context, fit, seed_everything, trainable_parameters
 from pqsweep.validate import validate
 from pqsweep.weights import footprint, restore_structure, structure
@@ -108,6 +108,31 @@ def baseline(cfg: DictConfig, stages: Stages, model: nn.Module, loaders: dict[st
     return Baseline(key, entry["state_dict"], cached=stages.cached["baseline"], history=entry["history"])
 
 
+def rewound(cfg: DictConfig, stages: Stages, model: nn.Module, initial_state: dict, random_state: torch.Tensor,
+            splits: DataSplits) -> dict | None:
+    """The baseline's weights after pruning.rewind_epoch epochs, for rewind=weights: its training replayed from the
+    same initial weights, global random state and loader order, so they are the weights it had at that epoch."""
+    if stages.keys["rewind"] is None:
+        return None
+    k = int(cfg.pruning.rewind_epoch)
+
+    def replay() -> dict:
+        log.info("rewind %s: replaying the baseline's first %d epoch(s)", stages.keys["rewind"], k)
+        replica = copy.deepcopy(model)
+        replica.load_state_dict(initial_state)
+        now = torch.get_rng_state()
+        torch.set_rng_state(random_state)
+        order = torch.Generator().manual_seed(cfg.train.seed)  # as load_data makes the baseline's
+        loader = DataLoader(splits.train, batch_size=cfg.train.batch_size, shuffle=True, generator=order)
+        try:
+            fit(replica, loader, cfg.train, k, device=cfg.device, desc=f"rewind to epoch {k}")
+        finally:
+            torch.set_rng_state(now)
+        return {"state_dict": {name: v.detach().cpu() for name, v in replica.state_dict().items()}}
+
+    return stages.get("rewind", replay)["state_dict"]
+
+
 def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example) -> dict[str, float]:
     """The baseline as deployed at fp32, measured once per baseline and measurement setting."""
     return stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure),
@@ -148,11 +173,14 @@ def structured(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) 
 
 def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Module:
     """The prune stage's work: prune (a method may fine-tune between its own steps), then, if anything was removed,
-    re-estimate BatchNorm (train.bn_batches) and fine-tune (train.finetune_epochs, 0: none)."""
+    re-estimate BatchNorm (train.bn_batches) and fine-tune (train.finetune_epochs, 0: none), or with
+    pruning.rewind=weights / lr retrain from epoch pruning.rewind_epoch of the baseline's schedule."""
     before = footprint(model)
     model = get_method(cfg.pruning._target_)(model, cfg.pruning, ctx)
     if footprint(model) != before:
-        if cfg.train.finetune_epochs > 0:
+        if ctx.rewind in RETRAINED:
+            ctx.retrain(model)  # rewound to epoch k and retrained on the baseline's schedule
+        elif cfg.train.finetune_epochs > 0:
             ctx.finetune(model)  # re-estimates BatchNorm first
         else:
             ctx.recalibrate(model)
@@ -212,7 +240,9 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     splits, loaders = load_data(cfg, stages)
     model = build_model(cfg, splits)
     initial_state = copy.deepcopy(model.state_dict())
+    at_start = torch.get_rng_state()  # as the baseline's training began: a rewind stage replays from it
     base = baseline(cfg, stages, model, loaders)  # hands on a state re-seeded from train.seed, trained or loaded
+    rewind_state = rewound(cfg, stages, model, initial_state, at_start, splits)
     model.load_state_dict(base.state)
     model.cpu().eval()
     example = next(iter(loaders["test"]))[0][:1]
@@ -220,7 +250,9 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
 
     # the teacher of train.distill: the baseline this run already holds, so distilling loads nothing more
     teacher = copy.deepcopy(model) if cfg.train.distill.enabled else None
-    ctx = Context(loaders, example, cfg.train, cfg.device, initial_state, teacher)
+    ctx = Context(loaders, example, cfg.train, cfg.device, initial_state, teacher,
+                  rewind=str(getattr(cfg.pruning.rewind, "value", cfg.pruning.rewind)),
+                  rewind_epoch=int(cfg.pruning.rewind_epoch), rewind_state=rewind_state)
     deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more

@@ -33,6 +33,11 @@ def has_structured_step(cfg: DictConfig) -> bool:
     return OmegaConf.select(cfg, "pruning.structured_step", default=None) is not None
 
 
+def rewinds_weights(cfg: DictConfig) -> bool:
+    """pruning.rewind=weights takes the baseline's weights at an earlier epoch: the rewind stage replays them."""
+    return str(OmegaConf.select(cfg, "pruning.rewind", default="finetune")).rsplit(".", 1)[-1] == "weights"
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -56,8 +61,11 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           spares="measured nothing"),
     Stage("structured", after=("baseline",), random=Random.kept, holds=frozenset({"state_dict", "structure"}),
           spares="pruned and fine-tuned nothing", applies=has_structured_step),
-    Stage("prune", after=("baseline", "structured"), random=Random.kept, holds=frozenset({"state_dict", "structure"}),
-          spares="pruned and fine-tuned nothing"),
+    # the baseline's weights at epoch pruning.rewind_epoch, replayed from its initialisation, for rewind=weights
+    Stage("rewind", after=("baseline",), holds=frozenset({"state_dict"}), spares="replayed nothing",
+          applies=rewinds_weights),
+    Stage("prune", after=("baseline", "structured", "rewind"), random=Random.kept,
+          holds=frozenset({"state_dict", "structure"}), spares="pruned and fine-tuned nothing"),
     # quantize, measure, export: each trial's own, never cached
     Stage("trial", after=("data", "prune", "baseline_metrics"), cached=False),
     # a sensitivity scan's per-layer curves, and the amounts it chooses from them

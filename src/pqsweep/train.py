@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -116,12 +117,14 @@ def fit(
     after_step: Callable[[], None] | None = None,
     desc: str = "train",
     teacher: nn.Module | None = None,
+    start_epoch: int = 0,
 ) -> list[float]:
     """Train `epochs` epochs with the configured optimizer (and scheduler); returns the mean loss per epoch.
 
     `lr` overrides the optimizer's learning rate (fine-tuning); `after_step` runs after every optimizer step
     (fine-tuning re-applies pruning masks there, so pruned weights stay zero). With a `teacher`, each step's loss
     is the distillation loss of train.distill against the teacher's logits (its forward pass only, in eval mode).
+    `start_epoch` k starts the scheduler where the baseline's was after k epochs (rewinding's retraining).
     """
     if epochs == 0:
         return []
@@ -134,6 +137,11 @@ def fit(
     optimizer = instantiate(_resolved(train_cfg.optimizer), params=params, **overrides, **trusted)
     scheduler = instantiate(_resolved(train_cfg.scheduler), optimizer=optimizer, **trusted) \
         if train_cfg.scheduler else None
+    if scheduler is not None and start_epoch:
+        with warnings.catch_warnings():  # stepped before any optimizer step, on purpose: to epoch k's rate
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for _ in range(start_epoch):
+                scheduler.step()
     loss_fn = nn.CrossEntropyLoss()
     if teacher is not None:
         teacher.to(device).eval()
@@ -186,6 +194,9 @@ class Context:
     device: str = "cpu"
     initial_state: dict | None = None  # the model's weights at initialisation (rewind=reinit)
     teacher: nn.Module | None = None  # the trial's baseline, where train.distill is enabled
+    rewind: str = "finetune"  # pruning.rewind: what `retrain` does after a pruning step
+    rewind_epoch: int = 0  # pruning.rewind_epoch
+    rewind_state: dict | None = None  # the baseline's weights at rewind_epoch (rewind=weights)
 
     def finetune_lr(self) -> float:
         return self.train_cfg.finetune_lr  # resolved in the config: a tenth of the optimizer's lr unless set
@@ -202,6 +213,26 @@ class Context:
         history = fit(model, self.loaders["train"], self.train_cfg, epochs, lr=lr or self.finetune_lr(),
                       device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc,
                       teacher=self.teacher if self.train_cfg.distill.enabled else None)
+        model.cpu().eval()
+        return history
+
+    def retrain(self, model: nn.Module, desc: str = "retrain") -> list[float]:
+        """After a pruning step, as pruning.rewind says: weights rewound to the baseline's epoch k (rewind=weights)
+        or kept (rewind=lr), then trained train.epochs - k epochs at the optimizer's own rate and the schedule from
+        epoch k, pruned weights held at zero; rewind=finetune (and reinit, which its pruner rewinds itself) fine-tunes.
+        Leaves the model on the CPU in eval mode."""
+        if self.rewind not in ("weights", "lr"):
+            return self.finetune(model, desc=desc)
+        masks = zero_masks(model)
+        if self.rewind == "weights":
+            if self.rewind_state is None:
+                raise ValueError("pruning.rewind=weights: needs the baseline's weights at rewind_epoch (rewind_state)")
+            model.load_state_dict(self.rewind_state)
+            apply_masks(model, masks)
+        self.recalibrate(model)
+        history = fit(model, self.loaders["train"], self.train_cfg, self.train_cfg.epochs - self.rewind_epoch,
+                      device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc,
+                      teacher=self.teacher if self.train_cfg.distill.enabled else None, start_epoch=self.rewind_epoch)
         model.cpu().eval()
         return history
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
-from pqsweep.options import (GRADIENT_CRITERIA, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
+from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
 from pqsweep.schema import (GROUPS, CacheConfig, LaunchConfig, MeasureConfig, SensitivityConfig, StudyConfig,
@@ -89,6 +89,13 @@ def unused(node, family: str) -> list[Check]:
 
 def pruning(node) -> list[Check]:
     checks = [Check("amount", node.amount, 0.0 <= node.amount < 1.0, FRACTION), *unused(node, "pruning")]
+    iterative_option = issubclass(OmegaConf.get_type(node), IterativeConfig)
+    rewind = option_value(node.rewind)
+    checks.append(Check("rewind", rewind, rewind != "reinit" or iterative_option,
+                        "finetune, weights or lr (reinit is iterative's; rewind=weights with rewind_epoch=0 resets "
+                        "the survivors to their initial values and retrains them)"))
+    checks.append(Check("rewind_epoch", node.rewind_epoch, node.rewind_epoch == 0 or node.rewind in RETRAINED,
+                        f"0: rewind={rewind} does not use it (only weights and lr rewind to an epoch)"))
     if node.layer_amounts:
         path = Path(node.layer_amounts).expanduser()
         checks.append(Check("layer_amounts", node.layer_amounts, path.is_file(),
@@ -275,9 +282,15 @@ def visible_cuda(device: str) -> Check:
 
 
 def recovery(cfg: DictConfig) -> list[Check]:
-    """What distillation, BN re-estimation and the pruning criteria need of the model and its training."""
-    t, m = cfg.train, cfg.model
+    """What distillation, BN re-estimation, rewinding and the pruning criteria need of the model and its training."""
+    t, m, p = cfg.train, cfg.model, cfg.pruning
     checks = []
+    if p.rewind in RETRAINED:
+        checks.append(Check("pruning.rewind_epoch", p.rewind_epoch, 0 <= p.rewind_epoch < t.epochs,
+                            f"an epoch of the baseline's training, in [0, train.epochs={t.epochs})"))
+        checks.append(Check("pruning.rewind", option_value(p.rewind),
+                            cfg.quantization.order == Order.prune_then_quantize,
+                            "finetune with quantization.order=quantize_then_prune, which retrains nothing"))
     if t.distill.enabled:  # the teacher is the baseline: with no training and no weights it knows nothing
         checks.append(Check("train.distill.enabled", True, t.epochs > 0 or m.pretrained, "false, or a teacher that "
                             "knows something: train.epochs > 0 or model.pretrained=true (train.epochs=0 makes the "

@@ -56,7 +56,9 @@ def iterative(model: nn.Module, cfg, ctx) -> nn.Module:
         prune_by_score(weights, magnitude, targets[t])
         if rewind == "reinit":
             rewind_to_init(model, ctx.initial_state)
-        if t < rounds - 1:
+        if t < rounds - 1 and rewind in ("weights", "lr"):  # rewound and retrained each round (Renda et al.)
+            ctx.retrain(model, desc=f"retrain round {t + 1}/{rounds}")
+        elif t < rounds - 1:
             ctx.finetune(model, epochs=cfg.get("round_epochs"), desc=f"finetune round {t + 1}/{rounds}")
     return model
 
