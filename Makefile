@@ -9,6 +9,8 @@ SWEEP ?= mnist_cnn_sparsity_x_precision
 STAMP := $(VENV)/.installed
 # where `make results` keeps its MLflow store, Optuna journal and cache (./mlflow.db by default)
 RUN_DIR ?= .
+# what `make results` adds to pqsweep-report, e.g. REPORT_ARGS='--compare train.distill.enabled' for a seeded study
+REPORT_ARGS ?=
 # Every script in benchmarks/ is a benchmark but its helpers (plain_grid.py: framework.py's reference side;
 # timed_sweep.py: how the sweep benchmarks run a sweep and read it back). `make bench` runs each with its defaults or
 # BENCH_ARGS_<name>, sized so that all of them take under 20 min on the shared 2-core machine, at one torch thread:
@@ -51,12 +53,13 @@ report: install ## print a sweep's table from MLflow: make report SWEEP=<name>
 
 results: install ## a paper's sweep at cpu scale, its report kept in results/<SWEEP>/ with the command, date and machine
 	mkdir -p $(RUN_DIR) && cd $(RUN_DIR) && $(CURDIR)/$(BIN)/pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)
-	rm -rf results/$(SWEEP) && cd $(RUN_DIR) && $(CURDIR)/$(BIN)/pqsweep-report $(SWEEP) --no-plots --out $(CURDIR)/results/$(SWEEP)
+	set -o pipefail; rm -rf results/$(SWEEP) && cd $(RUN_DIR) && $(CURDIR)/$(BIN)/pqsweep-report $(SWEEP) --no-plots --out $(CURDIR)/results/$(SWEEP) $(REPORT_ARGS) | tee $(CURDIR)/results/$(SWEEP).txt
+	mv results/$(SWEEP).txt results/$(SWEEP)/report.txt
 	@{ echo "# $(SWEEP) at cpu scale"; echo; \
-	  echo "- command: \`make results SWEEP=$(SWEEP)$(if $(SWEEP_ARGS), SWEEP_ARGS='$(SWEEP_ARGS)')\` (\`pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)\`, then \`pqsweep-report $(SWEEP)\`)"; \
+	  echo "- command: \`make results SWEEP=$(SWEEP)$(if $(SWEEP_ARGS), SWEEP_ARGS='$(SWEEP_ARGS)')$(if $(REPORT_ARGS), REPORT_ARGS='$(REPORT_ARGS)')\` (\`pqsweep -m sweep=$(SWEEP) $(SWEEP_ARGS)\`, then \`pqsweep-report $(SWEEP) $(REPORT_ARGS)\`; its output: report.txt)"; \
 	  echo "- date: $$(date -u '+%Y-%m-%d %H:%M UTC'), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"; \
 	  echo "- machine: $$(nproc --all) cores ($$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $$(free -g | awk '/Mem:/ {print $$2}') GiB, no GPU used; $$($(BIN)/python -c 'import platform, torch; print(f"Python {platform.python_version()}, torch {torch.__version__}")')"; \
-	  echo "- sweep: sweeps/$(SWEEP).yaml; paper values: sweeps/$(SWEEP).paper.csv"; } > results/$(SWEEP)/README.md
+	  echo "- sweep: sweeps/$(SWEEP).yaml$(if $(wildcard sweeps/$(SWEEP).paper.csv),; paper values: sweeps/$(SWEEP).paper.csv)"; } > results/$(SWEEP)/README.md
 	@cat results/$(SWEEP)/README.md
 
 bench: install $(addprefix bench-,$(BENCHMARKS)) ## run every benchmark in turn (19 min here), CSVs in results/; make bench-<name>: one

@@ -100,6 +100,9 @@ BAD = {
     "a rewind epoch with plain fine-tuning": ("pruning=global_magnitude pruning.rewind_epoch=2", "pruning.rewind_epoch"),
     "rewinding after quantize_then_prune": ("pruning=global_magnitude pruning.rewind=lr quantization=static_int8 "
                                             "quantization.order=quantize_then_prune", "pruning.rewind"),
+    "equalization before QAT": ("quantization=qat_int8 quantization.equalize=true", "quantization.equalize"),
+    "bias correction on pt2e": ("quantization=static_int8 quantization.backend=pt2e quantization.bias_correction=true",
+                                "quantization.bias_correction"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

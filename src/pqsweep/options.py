@@ -222,6 +222,7 @@ class QuantizationConfig:
     # what export= can write of it and reload to the same outputs; `onnx@pt2e`: only with that backend
     exports: List[str] = fact(factory=lambda: ["onnx", "torchscript"])
     needs_zeros: bool = fact(False)  # works on the zeros unstructured pruning leaves (sparse): refused without them
+    unused: List[str] = fact(factory=list)  # keys of the family it ignores: another value than their default is refused
 
 
 @dataclass
@@ -232,6 +233,10 @@ class Int8Config(QuantizationConfig):
     granularity: Granularity = shapes("trial", default=Granularity.per_channel)  # weights; activations per tensor
     calibration_batches: int = shapes("trial", default=8)  # training batches run through the observers
     backends: List[Backend] = fact(factory=lambda: [Backend.fx])  # the backends the method has
+    # Before quantizing (pqsweep.quantization.ptq, Nagel et al. 2019): cross-layer equalization of the float weights,
+    # and bias correction of the mean error int8 weight rounding adds (fx backend), on the calibration batches
+    equalize: bool = shapes("trial", default=False, added=True)
+    bias_correction: bool = shapes("trial", default=False, added=True)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
-from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
+from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
 from pqsweep.schema import (GROUPS, CacheConfig, LaunchConfig, MeasureConfig, SensitivityConfig, StudyConfig,
@@ -81,7 +81,8 @@ def unused(node, family: str) -> list[Check]:
     checks = [Check("unused", list(node.unused), not unknown,
                     f"keys of the {family} schema ({', '.join(unknown)} is none)")]
     for key in (k for k in node.unused if k in defaults):
-        allowed = defaults[key] if defaults[key] is not None else "null"
+        allowed = "null" if defaults[key] is None else str(defaults[key]).lower() if isinstance(defaults[key], bool) \
+            else defaults[key]
         checks.append(Check(key, node[key], node[key] == defaults[key],
                             f"{allowed}: {family}={node.name} does not use it"))
     return checks
@@ -138,7 +139,7 @@ def quantization(node) -> list[Check]:
     return [Check("bits", node.bits, 2 <= node.bits <= 32, "an integer in 2..32"),
             Check("export_tolerance", node.export_tolerance, node.export_tolerance > 0, "> 0"),
             Check("order", node.order.value, node.order in node.orders,
-                  f"{' or '.join(names)} (what quantization={node.name} supports)")]
+                  f"{' or '.join(names)} (what quantization={node.name} supports)"), *unused(node, "quantization")]
 
 
 def int8(node) -> list[Check]:
@@ -147,6 +148,8 @@ def int8(node) -> list[Check]:
         at_least("calibration_batches", node.calibration_batches, 1),
         Check("backend", node.backend.value, node.backend in node.backends,
               f"{' or '.join(names)} (what quantization={node.name} supports)"),
+        Check("bias_correction", True, not node.bias_correction or node.backend == Backend.fx,
+              "false with backend=pt2e: the correction is for the fx converter's weight grid"),
     ]
 
 
