@@ -103,6 +103,8 @@ BAD = {
     "equalization before QAT": ("quantization=qat_int8 quantization.equalize=true", "quantization.equalize"),
     "bias correction on pt2e": ("quantization=static_int8 quantization.backend=pt2e quantization.bias_correction=true",
                                 "quantization.bias_correction"),
+    "group-norm pruning of shufflenet": ("model=shufflenet_v2 dataset=fake pruning=group_norm", "pruning"),
+    "group-norm regulariser of 0": ("pruning=group_norm pruning.reg=0", "pruning.reg"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

@@ -108,13 +108,13 @@ def test_model_builds_and_runs_a_forward_pass(model, dataset):
 
 # validate() never reads the model, so the pairs are checked on the default one; the models are covered above and
 # by the real runs (test_methods, test_structured). Named here, not read from the option files, so that a wrong
-# `stored_weights` fact in a file fails this test: these three change float weights (fine-tuning between rounds,
-# removing filters), which a quantized model does not have.
-FLOAT_ONLY_PRUNING = {"iterative", "l1_filter", "structured_unstructured"}
+# `stored_weights` fact in a file fails this test: these change float weights (fine-tuning between rounds, sparse
+# learning, removing filters), which a quantized model does not have.
+FLOAT_ONLY_PRUNING = {"iterative", "l1_filter", "structured_unstructured", "group_norm"}
 # and this one stores the zeros pruning made (CSR), so it cannot come before the pruning, nor after one that leaves
-# no zeros: these two remove nothing, or whole filters
+# no zeros: these remove nothing, or whole filters
 AFTER_PRUNING_ONLY = {"sparse"}
-NO_ZEROS_PRUNING = {"none", "l1_filter"}
+NO_ZEROS_PRUNING = {"none", "l1_filter", "group_norm"}
 
 
 @pytest.mark.parametrize("order", ["prune_then_quantize", "quantize_then_prune"])

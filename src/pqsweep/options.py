@@ -200,6 +200,15 @@ class StructuredUnstructuredConfig(L1FilterConfig):
 
 
 @dataclass
+class GroupNormConfig(PruningConfig):
+    """Torch-Pruning's group-norm sparse learning, then its pruner (pqsweep.pruning.group_norm)."""
+
+    scope: Scope = shapes("prune", "curves", default=Scope["layer"])  # each layer's fraction, or one global ranking
+    reg: float = shapes("prune", "curves", default=1e-4)  # the group-norm regulariser's coefficient, > 0
+    sparse_epochs: int = shapes("prune", "curves", default=2)  # epochs of regularised training before pruning
+
+
+@dataclass
 class IterativeConfig(PruningConfig):
     rounds: int = shapes("prune", "curves", default=3)  # prune -> fine-tune rounds to reach `amount`
     # fine-tuning epochs between rounds (default train.finetune_epochs); reinit retrains from initial values, so it

@@ -17,7 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pqsweep.identity import device_kind, label, place, record, shapes, sorted_floats, sweeper
-from pqsweep.options import (FINETUNED, TRAINED, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Int8Config,
+from pqsweep.options import (FINETUNED, TRAINED, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, GroupNormConfig,
+                             Int8Config,
                              IterativeConfig, L1FilterConfig, MixedConfig, ModelConfig, PruningConfig, QATConfig,
                              QuantizationConfig, StructuredUnstructuredConfig)
 
@@ -184,6 +185,7 @@ def register() -> None:
         ("schema/pruning", "l1_filter", L1FilterConfig),
         ("schema/pruning", "structured_unstructured", StructuredUnstructuredConfig),
         ("schema/pruning", "iterative", IterativeConfig),
+        ("schema/pruning", "group_norm", GroupNormConfig),
         ("schema/quantization", "quantization", QuantizationConfig),
         ("schema/quantization", "int8", Int8Config),
         ("schema/quantization", "qat", QATConfig),

@@ -118,6 +118,7 @@ def fit(
     desc: str = "train",
     teacher: nn.Module | None = None,
     start_epoch: int = 0,
+    before_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """Train `epochs` epochs with the configured optimizer (and scheduler); returns the mean loss per epoch.
 
@@ -125,6 +126,7 @@ def fit(
     (fine-tuning re-applies pruning masks there, so pruned weights stay zero). With a `teacher`, each step's loss
     is the distillation loss of train.distill against the teacher's logits (its forward pass only, in eval mode).
     `start_epoch` k starts the scheduler where the baseline's was after k epochs (rewinding's retraining).
+    `before_step` runs between the backward pass and the optimizer step (a sparse-learning regulariser).
     """
     if epochs == 0:
         return []
@@ -163,6 +165,8 @@ def fit(
                 raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
                                f"lower the learning rate")
             loss.backward()
+            if before_step is not None:
+                before_step()
             optimizer.step()
             if after_step is not None:
                 after_step()

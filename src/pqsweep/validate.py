@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
-from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
+from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, GroupNormConfig, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
 from pqsweep.schema import (GROUPS, CacheConfig, LaunchConfig, MeasureConfig, SensitivityConfig, StudyConfig,
@@ -111,6 +111,11 @@ def pruning(node) -> list[Check]:
 
 def l1_filter(node) -> list[Check]:
     return pruning(node) + [at_least("importance_batches", node.importance_batches, 1)]
+
+
+def group_norm(node) -> list[Check]:
+    return pruning(node) + [Check("reg", node.reg, node.reg > 0, "a regularisation coefficient > 0"),
+                            at_least("sparse_epochs", node.sparse_epochs, 0)]
 
 
 def option_value(option) -> str:
@@ -261,7 +266,7 @@ def nothing(node) -> list[Check]:
 
 CHECKS: dict[type, Callable[[Any], list[Check]]] = {
     ModelConfig: model, DatasetConfig: dataset, FakeDatasetConfig: fake_dataset,
-    PruningConfig: pruning, L1FilterConfig: l1_filter, StructuredUnstructuredConfig: structured_unstructured, IterativeConfig: iterative,
+    PruningConfig: pruning, L1FilterConfig: l1_filter, GroupNormConfig: group_norm, StructuredUnstructuredConfig: structured_unstructured, IterativeConfig: iterative,
     QuantizationConfig: quantization, Int8Config: int8, QATConfig: qat, MixedConfig: mixed, FakeQuantConfig: fake_quant,
     TrainConfig: train, MeasureConfig: measure, TrackingConfig: tracking, CacheConfig: nothing, StudyConfig: study,
     SensitivityConfig: sensitivity, LaunchConfig: nothing,
@@ -301,6 +306,9 @@ def recovery(cfg: DictConfig) -> list[Check]:
     if t.bn_batches > 0:
         checks.append(Check("train.bn_batches", t.bn_batches, m.batchnorm,
                             f"0: model={m.name} has no BatchNorm layer to re-estimate"))
+    if isinstance(OmegaConf.get_type(p), type) and issubclass(OmegaConf.get_type(p), GroupNormConfig):
+        checks.append(Check("pruning", p.name, m.graph, f"a pruning option other than {p.name}: model={m.name} "
+                            "cannot be traced by Torch-Pruning's dependency graph"))
     importance = cfg.pruning.get("importance")
     if importance is not None and importance != Importance.l1:
         name = option_value(importance)
