@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     register()
     torch.set_num_threads(1)
     rows = []
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR)):
         for name, overrides in CASES.items():
             cfg = compose("config", overrides=[*overrides, "train.distill.enabled=true"])
             splits, loaders = load_data(cfg)

@@ -198,7 +198,8 @@ def test_the_swept_keys_are_columns_and_what_only_says_where_or_follows_a_group_
 
 OPTIONS = {"sweeps": [], "run": [], "list": False, "uri": "sqlite:///mlflow.db", "experiment": None, "objectives": None,
            "columns": None, "front": False, "budget": [], "csv": None, "markdown": None, "latex": None, "out": None,
-           "no_plots": False, "no_log": False, "storage": None, "paper": None}
+           "no_plots": False, "no_log": False, "storage": None, "paper": None,
+           "compare": [], "metric": None}
 
 
 def test_each_option_holds_what_it_was_given_and_defaults_to_nothing_asked():
@@ -206,11 +207,13 @@ def test_each_option_holds_what_it_was_given_and_defaults_to_nothing_asked():
     given = report.parse(["a", "b", "--run", "r1", "--run", "r2", "--list", "--uri", "sqlite:///x.db", "--experiment",
                          "e", "--objectives", "top1:max", "--columns", "top1", "--front", "--budget", "top1>=1",
                          "--budget", "size_mb<=2", "--csv", "t.csv", "--markdown", "t.md", "--latex", "t.tex", "--out",
-                         "o", "--no-plots", "--no-log", "--storage", "s.journal", "--paper", "p.csv"])
+                         "o", "--no-plots", "--no-log", "--storage", "s.journal", "--paper", "p.csv", "--compare",
+                         "train.seed", "--compare", "k=a,b", "--metric", "top5"])
     assert vars(given) == {"sweeps": ["a", "b"], "run": ["r1", "r2"], "list": True, "uri": "sqlite:///x.db",
                            "experiment": "e", "objectives": "top1:max", "columns": "top1", "front": True,
                            "budget": ["top1>=1", "size_mb<=2"], "csv": "t.csv", "markdown": "t.md", "latex": "t.tex",
-                           "out": "o", "no_plots": True, "no_log": True, "storage": "s.journal", "paper": "p.csv"}
+                           "out": "o", "no_plots": True, "no_log": True, "storage": "s.journal", "paper": "p.csv",
+                           "compare": ["train.seed", "k=a,b"], "metric": "top5"}
     assert vars(report.parse(["--run", "r1"])) == {**OPTIONS, "run": ["r1"]}  # a run id alone names a sweep
     assert vars(report.parse(["--list"])) == {**OPTIONS, "list": True}
 
