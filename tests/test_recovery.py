@@ -358,3 +358,18 @@ def test_group_norm_learning_shrinks_the_weights_and_the_pruner_halves_each_laye
     assert ctx.loaders["train"].drawn == len(ctx.loaders["train"])  # sparse_epochs=1: one pass over the data
     pruned, _ = sparse_learned(trained_wide, digits, 1e-4, epochs=0)
     assert [pruned[0].out_channels, pruned[4].out_channels, pruned[8].out_features] == [16, 32, 128]
+
+
+def test_lamp_ranks_all_layers_by_its_own_scores_where_others_are_normalised_per_layer():
+    torch.manual_seed(0)  # a net on which the two rankings differ (found by trying seeds)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.zeros(1, 4)
+    units = structured._graph_units(model, x, structured.CRITERIA["lamp"]())
+    sizes = [len(u.scores) for u in units]
+    raw = torch.cat([u.scores for u in units])
+    per_layer = torch.cat([u.scores / u.scores.mean() for u in units])
+    lowest = raw.argsort()[:4].tolist()
+    assert set(lowest) != set(per_layer.argsort()[:4].tolist())
+    pruned = structured.prune_filters(copy.deepcopy(model), x, 0.36, "global", importance=structured.CRITERIA["lamp"]())
+    expected = [sizes[0] - sum(i < sizes[0] for i in lowest), sizes[1] - sum(i >= sizes[0] for i in lowest)]
+    assert sorted([pruned[0].out_features, pruned[2].out_features]) == sorted(expected), (sizes, lowest)
