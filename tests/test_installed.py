@@ -150,7 +150,7 @@ def test_the_installed_app_composes_its_packaged_config(installed):
     done = installed.pqsweep("--cfg", "job", env={"PYTHONVERBOSE": "1"})
     cfg = yaml.safe_load(done.stdout)
     assert cfg["model"] == {"_target_": "pqsweep.models.small_cnn", "name": "cnn", "pretrained": False,
-                            "min_image_size": 4, "weights": None}  # the option file's facts
+                            "min_image_size": 4, "weights": None, "batchnorm": False, "graph": True}  # its facts
     assert cfg["dataset"]["_target_"] == "pqsweep.data.digits"
     assert cfg["pruning"]["name"] == "none" and cfg["quantization"]["name"] == "none"
     assert CHECKOUT_SRC not in done.stderr
@@ -163,7 +163,7 @@ def test_the_installed_app_composes_a_packaged_sweep_file(installed):
     # resolved: a paper sweep writes its scale-dependent values as ${paper_cpu:..} (scale=cpu by default)
     job = yaml.safe_load(installed.pqsweep("--cfg", "job", "--resolve", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_gzip_mb"],
-                            "storage": None, "constraints": []}  # default store: optuna.journal
+                            "storage": None, "constraints": [], "seeds": 1}  # default store: optuna.journal
     assert job["launch"] == {"trial": None, "run_id": None}  # the sweeper sets them for each trial it launches
     assert job["dataset"]["name"] == "mnist5k" and job["pruning"]["name"] == "global_magnitude"  # its experiment
     sweeper = yaml.safe_load(installed.pqsweep("--cfg", "hydra", "sweep=mnist_cnn_sparsity_x_precision").stdout)

@@ -88,8 +88,14 @@ def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat_and_its_point_r
                                          stderr=subprocess.STDOUT)
         time.sleep(2)
     try:
-        study = optuna.load_study(study_name="pruning.amount", storage=optuna_storage)
         deadline = time.monotonic() + 300
+        while True:  # the workers create the study once their imports are done: seconds, more on a busy machine
+            try:
+                study = optuna.load_study(study_name="pruning.amount", storage=optuna_storage)
+                break
+            except KeyError:
+                assert time.monotonic() < deadline, logs["lost"].read_text()[-2000:]
+                time.sleep(0.2)
         while True:  # a trial of the lost worker in flight, which then says it runs on another host
             theirs = [t for t in study.get_trials(states=(TrialState.RUNNING,))
                       if t.user_attrs.get("pqsweep.pid", "").startswith(f"{workers['lost'].pid}:")]
