@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from itertools import islice
+from typing import Callable
 
 import torch
 from torch import nn
@@ -127,21 +128,22 @@ def _adaround(model: nn.Module, layers: list[tuple[str, nn.Module]], grids: list
     """Each layer's weight rounded by AdaRound, in order: its inputs as the layers rounded before it leave them, its
     targets the float layer's outputs on the float model's inputs (pqsweep.quantization.adaround)."""
     float_model = copy.deepcopy(model)
-    float_inputs = _inputs(float_model, [float_model.get_submodule(name) for name, _ in layers], batches)
+    float_inputs = layer_inputs(float_model, [float_model.get_submodule(name) for name, _ in layers], batches)
     generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,)).item()))  # from train.seed
     for (name, layer), grid, x in zip(layers, grids, float_inputs):
         forward = layer_function(layer)
         with torch.no_grad():
             targets = forward(x, layer.weight)
-        (reaching,) = _inputs(model, [layer], batches)
+        (reaching,) = layer_inputs(model, [layer], batches)
         layer.weight.data = adaround(layer.weight.data, grid, forward, reaching, targets, iterations, generator)
 
 
 @torch.no_grad()
-def _inputs(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What reaches each of `layers` over the batches, concatenated."""
+def observed(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor],
+             keep: Callable[[torch.Tensor], torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`keep(input)` of each of `layers`, per batch, over one pass of `model` through the batches."""
     seen = {id(layer): [] for layer in layers}
-    hooks = [layer.register_forward_pre_hook(lambda module, args: seen[id(module)].append(args[0].detach()))
+    hooks = [layer.register_forward_pre_hook(lambda module, args: seen[id(module)].append(keep(args[0].detach())))
              for layer in layers]
     try:
         for x in batches:
@@ -149,25 +151,18 @@ def _inputs(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tenso
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(seen[id(layer)]) for layer in layers]
+    return [seen[id(layer)] for layer in layers]
 
 
-@torch.no_grad()
+def layer_inputs(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What reaches each of `layers` over the batches, concatenated."""
+    return [torch.cat(found) for found in observed(model, layers, batches, lambda x: x)]
+
+
 def _input_ranges(model: nn.Module, layers: list[nn.Module], batches: list[torch.Tensor]):
     """(min, max) of each layer's input over the batches, in one pass of the float model, as torch.ao's static
     quantization observes them (min/max rather than a moving average: a few batches, and every value counts)."""
     if not batches:
         raise ValueError("quantization.calibration_batches: the training loader gave no batches to calibrate on")
-    seen = {id(layer): [] for layer in layers}
-
-    def observe(module, args):
-        seen[id(module)].append(torch.stack([args[0].min(), args[0].max()]))
-
-    hooks = [layer.register_forward_pre_hook(observe) for layer in layers]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [(torch.stack(seen[id(layer)])[:, 0].min(), torch.stack(seen[id(layer)])[:, 1].max()) for layer in layers]
+    extremes = observed(model, layers, batches, lambda x: torch.stack([x.min(), x.max()]))
+    return [(torch.stack(found)[:, 0].min(), torch.stack(found)[:, 1].max()) for found in extremes]

@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from pqsweep.quantization.adaround import layer_function
+from pqsweep.quantization.fake_quant import layer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +83,13 @@ def correct_biases(model: nn.Module, weight_observer, batches: list[torch.Tensor
     """Each Conv2d / Linear's bias minus the mean output error of its int8-rounded weights on `batches`, in place
     (a bias is added where a layer had none). Returns {layer: the correction subtracted, per output channel}."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYERS)]
-    seen = {id(m): [] for _, m in layers}
-    hooks = [m.register_forward_pre_hook(lambda module, args: seen[id(module)].append(args[0].detach()))
-             for _, m in layers]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
     corrections = {}
-    for name, layer in layers:
+    for (name, layer), inputs in zip(layers, layer_inputs(model, [m for _, m in layers], batches)):
         observer = weight_observer()
         observer(layer.weight)
         scale, zero_point = observer.calculate_qparams()
         rounded = _fake_quantize(layer.weight, scale, zero_point, observer)
         forward = layer_function(layer)
-        inputs = torch.cat(seen[id(layer)])
         error = forward(inputs, rounded) - forward(inputs, layer.weight)
         shift = error.mean([d for d in range(error.dim()) if d != 1])
         if layer.bias is None:
