@@ -105,6 +105,8 @@ BAD = {
                                 "quantization.bias_correction"),
     "group-norm pruning of shufflenet": ("model=shufflenet_v2 dataset=fake pruning=group_norm", "pruning"),
     "group-norm regulariser of 0": ("pruning=group_norm pruning.reg=0", "pruning.reg"),
+    "a feature term after removing channels": ("pruning=l1_filter train.distill.enabled=true train.distill.feature=1",
+                                               "train.distill.feature"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),

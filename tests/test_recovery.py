@@ -373,3 +373,22 @@ def test_lamp_ranks_all_layers_by_its_own_scores_where_others_are_normalised_per
     pruned = structured.prune_filters(copy.deepcopy(model), x, 0.36, "global", importance=structured.CRITERIA["lamp"]())
     expected = [sizes[0] - sum(i < sizes[0] for i in lowest), sizes[1] - sum(i >= sizes[0] for i in lowest)]
     assert sorted([pruned[0].out_features, pruned[2].out_features]) == sorted(expected), (sizes, lowest)
+
+
+def test_the_feature_term_pulls_the_penultimate_features_toward_the_teachers(trained_wide, digits):
+    plain = pruned_and_tuned(trained_wide, digits, "train.distill.enabled=true")
+    featured = pruned_and_tuned(trained_wide, digits, "train.distill.enabled=true", "train.distill.feature=10")
+    x = list(batches(loader(digits.train), 3))
+    gap = lambda student: sum(F.mse_loss(student[:10](xb), trained_wide[:10](xb)).item()  # noqa: E731
+                              for xb, _ in x)  # the classifier's inputs
+    with torch.no_grad():
+        assert gap(featured) < 0.95 * gap(plain)  # measured 0.925 (2.93 against 3.17), one epoch at lr 1e-4
+
+
+def test_the_feature_term_is_refused_where_pruning_changes_the_feature_width():
+    from pqsweep.checks import ConfigError
+    from pqsweep.validate import validate
+
+    with pytest.raises(ConfigError, match=r"^train.distill.feature=1.0 is not allowed: must be 0 with pruning=l1_filter"):
+        validate(compose_cfg("pruning=l1_filter", "train.distill.enabled=true", "train.distill.feature=1"))
+    validate(compose_cfg("pruning=global_magnitude", "train.distill.enabled=true", "train.distill.feature=1"))

@@ -32,6 +32,9 @@ class DistillConfig:
     enabled: bool = False
     alpha: float = 0.5  # the soft term's weight, in [0, 1]; 0 trains on the labels alone (the teacher still runs)
     temperature: float = 4.0  # T > 0 softens both distributions; T^2 keeps the soft gradients' scale
+    # weight of a feature term: the mean squared difference of the classifier's inputs, student's and teacher's
+    # (they align where compression kept the feature width: unstructured pruning, quantization); 0: logits only
+    feature: float = 0.0
 
 
 @dataclass

@@ -102,6 +102,46 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     return (1 - alpha) * hard + alpha * temperature ** 2 * soft
 
 
+def last_linear(model: nn.Module) -> nn.Module:
+    """The model's classifier: its last nn.Linear (a QAT Linear too)."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ValueError("train.distill.feature: the model has no nn.Linear whose inputs are its features")
+    return heads[-1]
+
+
+class Distiller:
+    """The loss of a distilled step (train.distill): the logits term against the teacher's, plus, where `feature`
+    > 0, that weight times the mean squared difference of the classifier's inputs (the penultimate features) of
+    student and teacher, which align where compression kept the feature width (unstructured pruning, quantization)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, distill):
+        self.teacher, self.distill = teacher.eval(), distill
+        self.features: dict[str, torch.Tensor] = {}
+        self.hooks = []
+        if distill.get("feature", 0.0) > 0:
+            for role, net in (("student", student), ("teacher", teacher)):
+                self.hooks.append(last_linear(net).register_forward_hook(
+                    lambda module, args, out, role=role: self.features.__setitem__(role, args[0])))
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            taught = self.teacher(x)
+        loss = distillation_loss(model(x), taught, y, self.distill.alpha, self.distill.temperature)
+        if self.hooks:
+            student, teacher = self.features["student"], self.features["teacher"]
+            if student.shape != teacher.shape:
+                raise ValueError(f"train.distill.feature={self.distill.feature}: the student's features "
+                                 f"{tuple(student.shape[1:])} no longer align with the teacher's "
+                                 f"{tuple(teacher.shape[1:])}: use 0 with pruning that removes channels")
+            loss = loss + self.distill.feature * F.mse_loss(student, teacher)
+        return loss
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 class Diverged(RuntimeError):
     """Training went non-finite (its loss, or a weight at the end): one line saying which phase, epoch and step. The
     settings that shaped it determine it, so the stage records it and fails every trial that needs it at once."""
@@ -144,9 +184,23 @@ def fit(
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             for _ in range(start_epoch):
                 scheduler.step()
-    loss_fn = nn.CrossEntropyLoss()
-    if teacher is not None:
-        teacher.to(device).eval()
+    distiller = Distiller(model, teacher.to(device), train_cfg.distill) if teacher is not None else None
+    plain = nn.CrossEntropyLoss()
+    try:
+        history = _epochs(model, loader, optimizer, scheduler, epochs, desc, device,
+                          distiller or (lambda net, x, y: plain(net(x), y)), before_step, after_step)
+    finally:
+        if distiller is not None:
+            distiller.close()
+    model.eval()
+    unfinished = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if unfinished is not None:
+        raise Diverged(f"{desc}: {unfinished} holds non-finite values after {epochs} epochs; lower the learning rate")
+    return history
+
+
+def _epochs(model, loader, optimizer, scheduler, epochs, desc, device, loss_of, before_step, after_step):
+    """fit's loop, each step's loss `loss_of(model, x, y)`; returns the mean loss of each epoch."""
     history = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
@@ -154,12 +208,7 @@ def fit(
         for step, (x, y) in enumerate(loader, 1):
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
-            if teacher is None:
-                loss = loss_fn(model(x), y)
-            else:
-                with torch.no_grad():
-                    taught = teacher(x)
-                loss = distillation_loss(model(x), taught, y, train_cfg.distill.alpha, train_cfg.distill.temperature)
+            loss = loss_of(model, x, y)
             value = loss.item()
             if not math.isfinite(value):
                 raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
@@ -176,10 +225,6 @@ def fit(
             scheduler.step()
         history.append(total / count)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
-    model.eval()
-    unfinished = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if unfinished is not None:
-        raise Diverged(f"{desc}: {unfinished} holds non-finite values after {epochs} epochs; lower the learning rate")
     return history
 
 

@@ -200,6 +200,7 @@ def train(node) -> list[Check]:
     alpha, temperature = node.distill.alpha, node.distill.temperature
     checks += [Check("distill.alpha", alpha, 0.0 <= alpha <= 1.0, "a weight in [0, 1]"),
                Check("distill.temperature", temperature, temperature > 0, "a temperature > 0"),
+               Check("distill.feature", node.distill.feature, node.distill.feature >= 0, "a weight >= 0"),
                at_least("bn_batches", node.bn_batches, 0)]
     return checks
 
@@ -303,6 +304,9 @@ def recovery(cfg: DictConfig) -> list[Check]:
         checks.append(Check("train.distill.enabled", True, t.epochs > 0 or m.pretrained, "false, or a teacher that "
                             "knows something: train.epochs > 0 or model.pretrained=true (train.epochs=0 makes the "
                             "baseline, the teacher, an untrained net)"))
+    if t.distill.feature > 0 and p.name != "none":
+        checks.append(Check("train.distill.feature", t.distill.feature, p.zeroes_weights, f"0 with pruning={p.name}, "
+                            "which removes channels: the student's features no longer align with the teacher's"))
     if t.bn_batches > 0:
         checks.append(Check("train.bn_batches", t.bn_batches, m.batchnorm,
                             f"0: model={m.name} has no BatchNorm layer to re-estimate"))
