@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pqsweep import stores
 from pqsweep.stores import absolute_uri, prepare_tracking_store, sqlite_file
 
 # One trial's first contact with the store. Imports come before the barrier (they take a second or two, and not
@@ -124,3 +125,29 @@ def test_a_run_is_named_by_its_whole_method_in_short(overrides, name):
     from pqsweep.records import run_name
 
     assert run_name(compose_cfg(*overrides)) == name
+
+
+def test_a_store_that_cannot_be_read_is_never_taken_for_a_half_made_one(tmp_path, monkeypatch):
+    # Under load a store with runs read as locked (or left with a killed writer's journal) looked empty, and was moved
+    # aside after STALE seconds: the runs of a study's first command went with it (seen in a CI run).
+
+    db = tmp_path / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.create_run(client.create_experiment("kept")).info.run_id
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(stores, "STALE", 0.5)
+        monkeypatch.setattr(stores, "WAIT", 3.0)
+        stores._PREPARED.clear()
+        with pytest.raises(stores.StoreError, match=r"the store cannot be read \(locked, or left mid-write\); "
+                                                     r"nothing was changed"):
+            stores.prepare_tracking_store(f"sqlite:///{db}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(tmp_path.glob("mlflow.db.broken-*"))
+    assert MlflowClient(f"sqlite:///{db}").get_run(run).info.run_id == run

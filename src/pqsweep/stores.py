@@ -56,19 +56,26 @@ def latest_revision() -> str | None:
     return _get_latest_schema_revision()
 
 
+UNREAD = -1  # `held` of a store that could not be read: never taken for an empty one
+
+
 def revision(db: Path) -> tuple[str | None, int]:
     """(the store's alembic revision, how many runs and experiments it holds beyond the Default one); (None, 0) for a
-    file without MLflow's tables yet."""
-    try:
-        with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
-            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            row = connection.execute("SELECT version_num FROM alembic_version").fetchone() \
-                if "alembic_version" in tables else None
-            held = sum(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] - (table == "experiments")
-                       for table in ("runs", "experiments") if table in tables)
-    except sqlite3.Error:  # not a database, or one being written right now
-        return None, 0
-    return (row[0] if row else None), held
+    file without MLflow's tables yet; (None, UNREAD) for one that cannot be read now (locked by a writer, or left
+    with a journal to roll back that a read-only connection cannot), which nothing may take for empty."""
+    for mode in ("ro", "rw"):  # read-write only to let SQLite roll back a killed writer's journal; it selects only
+        try:
+            with closing(sqlite3.connect(f"{db.as_uri()}?mode={mode}", uri=True, timeout=1.0)) as connection:
+                tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                row = connection.execute("SELECT version_num FROM alembic_version").fetchone() \
+                    if "alembic_version" in tables else None
+                held = sum(connection.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] - (t == "experiments")
+                           for t in ("runs", "experiments") if t in tables)
+            return (row[0] if row else None), held
+        except sqlite3.DatabaseError as error:
+            if "file is not a database" in str(error):  # garbage, or a file being made: nothing held
+                return None, 0
+    return None, UNREAD
 
 
 def at_current_schema(db: Path) -> bool:
@@ -148,6 +155,9 @@ def prepare_tracking_store(uri: str) -> None:
                 seen, since = state, time.monotonic()
             elif time.monotonic() - since > STALE or time.monotonic() > deadline:
                 (found, held), latest = state[0], latest_revision()
+                if held == UNREAD:
+                    raise StoreError(f"tracking.uri={uri}: the store cannot be read (locked, or left mid-write); "
+                                     "nothing was changed: run again once no other process writes it")
                 if held:
                     raise StoreError(f"tracking.uri={uri}: the store is at MLflow schema {found}, not {latest}, and "
                                      f"holds runs; back it up, then run `mlflow db upgrade {uri}`")
