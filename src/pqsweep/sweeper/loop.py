@@ -196,8 +196,9 @@ class Loop:
                         continue
                     if not trials:
                         break
-                    launched = [(t, self.start(t)) for t in trials]
+                    # beating from before their runs start: a host lost while it starts them is still found
                     with watch.heartbeat(self.ledger.storage, trials):
+                        launched = [(t, self.start(t)) for t in trials]
                         returns = self.plugin.launcher.launch([o for _, (_, o) in launched], initial_job_idx=job_idx)
                     job_idx += len(returns)
                     pending = []

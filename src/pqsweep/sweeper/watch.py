@@ -21,12 +21,17 @@ def heartbeat(storage, trials: list) -> Iterator[None]:
         return
     stop = threading.Event()
 
+    def beat_all() -> None:
+        for trial in trials:
+            storage.record_heartbeat(trial._trial_id)
+
     def beat() -> None:
-        while True:
-            for trial in trials:
-                storage.record_heartbeat(trial._trial_id)
-            if stop.wait(interval):
-                return
+        while not stop.wait(interval):
+            beat_all()
+
+    # The first beat before anything runs: Optuna fails only trials whose heartbeat went stale, so a trial whose
+    # host died before its first beat would stay RUNNING, and the workers outliving it would wait for it forever.
+    beat_all()
 
     thread = threading.Thread(target=beat, name="pqsweep-heartbeat", daemon=True)
     thread.start()
