@@ -216,6 +216,11 @@ OUT_OF_RANGE = [
     ([], "measure.repeats=1"),
     ([], "sensitivity.tolerance=-1"),
     ([], "sensitivity.split=test"),
+    ([], "study.early_stop.min_epoch=0"),
+    ([], "study.early_stop.min_trials=0"),
+    ([], "study.early_stop.margin=-0.5"),
+    (["study.objectives=[top5,size_mb]"], "study.early_stop.enabled=true"),  # its curve predicts top-1 only
+    (["study.objectives=[size_mb]"], "study.early_stop.enabled=true"),
     ([], "device=tpu"),
     # an option's own facts: a key it ignores, zeros it needs, a format it cannot be written as, too few images
     ([], "pruning.amount=0.5"),
@@ -258,6 +263,10 @@ AT_THE_EDGE = [
     ([], "measure.repeats=2"),
     ([], "sensitivity.tolerance=0"),
     ([], "sensitivity.split=train"),
+    ([], "study.early_stop.min_epoch=1"),
+    ([], "study.early_stop.min_trials=1"),
+    ([], "study.early_stop.margin=0"),
+    (["study.objectives=[top1_delta,size_mb]"], "study.early_stop.enabled=true"),
     ([], "dataset.num_samples=50"),
     (["quantization=static_int8", "quantization.backend=pt2e"], "export=onnx"),
     (["pruning=random"], "quantization=sparse"),

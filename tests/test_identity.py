@@ -54,7 +54,7 @@ def changed(value, path: str, tmp_path: Path):
         return list(value)[:-1] if path.endswith(("orders", "backends")) else list(value) + [
             {"study.objectives": "top5", "study.constraints": "size_mb<=1", "sensitivity.amounts": 0.33}.get(path,
                                                                                                            "extra")]
-    if path == "train.distill":  # a node of its own schema: one of its fields changed
+    if path in ("train.distill", "study.early_stop"):  # a node of its own schema: one of its fields changed
         return {**value, "enabled": not value["enabled"]}
     if isinstance(value, (dict, DictConfig)):
         return {**value, "lr": 0.5} if path == "train.optimizer" else {**value, "extra": "int8"}
@@ -84,8 +84,8 @@ def test_each_field_changes_exactly_the_stage_keys_it_declares(group, option, tm
         declared = declaration(schema, path.rsplit(".", 1)[-1])  # UndeclaredField: a field says nothing
         cfg = copy.deepcopy(base)
         value = OmegaConf.select(cfg, path)
-        # a node of its own schema (train.distill) takes the changed field merged in; others are replaced whole
-        OmegaConf.update(cfg, path, changed(value, path, tmp_path), merge=path == "train.distill")
+        # a node of its own schema (train.distill, study.early_stop) takes the changed field merged in; others are replaced whole
+        OmegaConf.update(cfg, path, changed(value, path, tmp_path), merge=path in ("train.distill", "study.early_stop"))
         after = stage_keys(cfg)
         moved = {name for name in STAGES if after[name] != before[name]}
         applies = applying | {name for name, key in after.items() if key is not None}  # a stage it switches on

@@ -60,12 +60,19 @@ TABLE = (
     Metric("latency_ms_p90", "minimize", "ms", "p90 ms", "{:.3f}", False, "their 90th percentile."),
     Metric("latency_threads", None, "", "latency_threads", "{:.4g}", False,
            "the threads the latency was measured at: a setting recorded beside it."),
+    Metric("finetune_epochs_run", None, "", "finetune_epochs_run", "{:.0f}", False,
+           "fine-tune epochs this trial ran itself (structured step, pruning rounds, prune stage, QAT); 0 where they "
+           "were loaded from the cache: the work `study.early_stop` saves."),
     Metric("export_max_abs_diff", "minimize", "", "export_max_abs_diff", "{:.4g}", False,
            "with `export`: max |exported - eager| logit on the example and a batch of four."),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in TABLE}
 OBJECTIVES = [m.name for m in TABLE if m.direction]  # what study.objectives and constraints may name
 VIEW = [m.name for m in TABLE if m.view]
+# study.early_stop: the objectives a trial's validation curve predicts, and the accuracies it cannot; every other
+# objective is a cost, known once the trial is pruned
+CURVED = ("top1", "top1_delta")
+UNCURVED = ("top5", "baseline_top1")
 
 
 def directions(objectives) -> list[str]:

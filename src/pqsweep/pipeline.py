@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pqsweep import measure
+from pqsweep import early_stop, measure
 from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
 from pqsweep.options import RETRAINED, Export, Order
@@ -178,6 +178,8 @@ def prune_and_finetune(cfg: DictConfig, model: nn.Module, ctx: Context) -> nn.Mo
     before = footprint(model)
     model = get_method(cfg.pruning._target_)(model, cfg.pruning, ctx)
     if footprint(model) != before:
+        if ctx.monitor is not None:  # study.early_stop: its cost, known now, before it fine-tunes
+            ctx.monitor.price(model)
         if ctx.rewind in RETRAINED:
             ctx.retrain(model)  # rewound to epoch k and retrained on the baseline's schedule
         elif cfg.train.finetune_epochs > 0:
@@ -209,12 +211,33 @@ def compress(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) ->
         deployed = quantize(cfg, model, ctx)
         return get_method(cfg.pruning._target_)(deployed, cfg.pruning, ctx), model
     float_model = pruned(cfg, stages, model, ctx)
+    if ctx.monitor is not None:  # its quantization's fine-tuning (QAT) is watched too
+        ctx.monitor.price(float_model)
+        ctx.monitor.quantizing = True
     return quantize(cfg, float_model, ctx), float_model
 
 
 def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
     with tqdm(total=len(loader), desc=desc, unit="batch", leave=False) as bar:
         return measure.accuracy(model, loader, progress=bar)
+
+
+def costs(cfg: DictConfig, float_model: nn.Module, ctx: Context, reference: dict[str, float]) -> dict[str, float]:
+    """What `measure_all` would say of the model deployed from `float_model` on every metric but accuracy, without
+    fine-tuning it: quantized as the trial quantizes, with the quantization's own training (QAT's epochs, AdaRound)
+    left out, which changes no size, count or MACs. study.early_stop's price of a trial, before it fine-tunes."""
+    untrained = OmegaConf.merge(cfg.quantization, {k: v for k, v in (("qat_epochs", 0), ("rounding", "nearest"))
+                                                  if k in cfg.quantization})
+    deployed = get_method(cfg.quantization._target_)(copy.deepcopy(float_model).cpu().eval(), untrained, ctx)
+    mcfg, metrics = cfg.measure, {}
+    metrics.update(measure.sizes(deployed))
+    metrics.update(measure.parameter_counts(deployed))
+    metrics["macs"] = measure.macs(float_model, ctx.example)
+    if any(name.startswith("latency") for name in cfg.study.objectives):
+        metrics.update(measure.latency(deployed, ctx.example, mcfg.threads, mcfg.warmup, mcfg.repeats))
+    metrics["reduction_factor"] = reference["size_mb"] / metrics["size_mb"]
+    metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
+    return metrics
 
 
 def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
@@ -253,10 +276,12 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     ctx = Context(loaders, example, cfg.train, cfg.device, initial_state, teacher,
                   rewind=str(getattr(cfg.pruning.rewind, "value", cfg.pruning.rewind)),
                   rewind_epoch=int(cfg.pruning.rewind_epoch), rewind_state=rewind_state)
+    ctx.monitor = early_stop.monitor(cfg, ctx, reference["top1"], lambda m: costs(cfg, m, ctx, reference))
     deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
     metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more
     metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
+    metrics["finetune_epochs_run"] = float(ctx.epochs_run)
 
     if cfg.export != Export.none:
         from pqsweep.export import export  # onnx/onnxruntime load only when asked for

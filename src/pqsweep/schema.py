@@ -90,6 +90,18 @@ class CacheConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Pareto-aware early stopping of a sweep's fine-tuning trials (pqsweep.early_stop): a trial stops when a
+    finished trial at least as cheap on every cost objective is more accurate than its best case, its validation
+    top-1 so far plus the largest gain a finished trial made from that epoch on, plus `margin`."""
+
+    enabled: bool = False
+    min_epoch: int = 2  # the first fine-tune epoch after which a trial may stop (>= 1)
+    margin: float = 1.0  # pp of top-1 added to the learned best case: higher stops fewer trials (>= 0)
+    min_trials: int = 4  # finished trials with a curve that long before any trial is stopped (>= 1)
+
+
+@dataclass
 class StudyConfig:
     name: str = record("adhoc")  # the `sweep` tag of every run; sweep files set it
     # metrics the task returns, in order, among pqsweep.metrics' (their directions come from there)
@@ -105,6 +117,9 @@ class StudyConfig:
     # shared by that seed's points; pqsweep-report shows each point as mean +- 95 % CI and compares options paired
     # by seed (--compare). A grid's; a search samples each point once.
     seeds: int = shapes("study", default=1, added=True)
+    # Which trials a study completes, not any trial's result (a trial that is not stopped ends as it would without):
+    # a study's setting, compared on resume like its objectives.
+    early_stop: EarlyStopConfig = shapes("study", factory=EarlyStopConfig, added=True)
 
 
 @dataclass
@@ -124,6 +139,9 @@ class LaunchConfig:
 
     trial: Optional[int] = sweeper(None)  # the Optuna trial number
     run_id: Optional[str] = sweeper(None)  # the MLflow run the sweeper created for the trial
+    # with study.early_stop: the study and its storage, where the trial records its curve and reads the front
+    study: Optional[str] = sweeper(None)
+    storage: Optional[str] = sweeper(None)
 
 
 @dataclass

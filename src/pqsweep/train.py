@@ -159,6 +159,7 @@ def fit(
     teacher: nn.Module | None = None,
     start_epoch: int = 0,
     before_step: Callable[[], None] | None = None,
+    after_epoch: Callable[[nn.Module, int, int], None] | None = None,
 ) -> list[float]:
     """Train `epochs` epochs with the configured optimizer (and scheduler); returns the mean loss per epoch.
 
@@ -167,6 +168,7 @@ def fit(
     is the distillation loss of train.distill against the teacher's logits (its forward pass only, in eval mode).
     `start_epoch` k starts the scheduler where the baseline's was after k epochs (rewinding's retraining).
     `before_step` runs between the backward pass and the optimizer step (a sparse-learning regulariser).
+    `after_epoch(model, done, epochs)` runs after each epoch (study.early_stop watches the curve there).
     """
     if epochs == 0:
         return []
@@ -188,7 +190,7 @@ def fit(
     plain = nn.CrossEntropyLoss()
     try:
         history = _epochs(model, loader, optimizer, scheduler, epochs, desc, device,
-                          distiller or (lambda net, x, y: plain(net(x), y)), before_step, after_step)
+                          distiller or (lambda net, x, y: plain(net(x), y)), before_step, after_step, after_epoch)
     finally:
         if distiller is not None:
             distiller.close()
@@ -199,7 +201,7 @@ def fit(
     return history
 
 
-def _epochs(model, loader, optimizer, scheduler, epochs, desc, device, loss_of, before_step, after_step):
+def _epochs(model, loader, optimizer, scheduler, epochs, desc, device, loss_of, before_step, after_step, after_epoch):
     """fit's loop, each step's loss `loss_of(model, x, y)`; returns the mean loss of each epoch."""
     history = []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
@@ -225,6 +227,8 @@ def _epochs(model, loader, optimizer, scheduler, epochs, desc, device, loss_of, 
             scheduler.step()
         history.append(total / count)
         bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if after_epoch is not None:
+            after_epoch(model, epoch + 1, epochs)
     return history
 
 
@@ -246,6 +250,13 @@ class Context:
     rewind: str = "finetune"  # pruning.rewind: what `retrain` does after a pruning step
     rewind_epoch: int = 0  # pruning.rewind_epoch
     rewind_state: dict | None = None  # the baseline's weights at rewind_epoch (rewind=weights)
+    monitor: object | None = None  # study.early_stop's pqsweep.early_stop.Monitor, in a sweep's trial
+    epochs_run: int = 0  # fine-tune epochs this process ran (the metric finetune_epochs_run)
+
+    def after_epoch(self, model: nn.Module, done: int, epochs: int) -> None:
+        self.epochs_run += 1
+        if self.monitor is not None:
+            self.monitor.epoch(model, done, epochs, self.epochs_run)
 
     def finetune_lr(self) -> float:
         return self.train_cfg.finetune_lr  # resolved in the config: a tenth of the optimizer's lr unless set
@@ -261,7 +272,7 @@ class Context:
         masks = zero_masks(model)
         history = fit(model, self.loaders["train"], self.train_cfg, epochs, lr=lr or self.finetune_lr(),
                       device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc,
-                      teacher=self.teacher if self.train_cfg.distill.enabled else None)
+                      teacher=self.teacher if self.train_cfg.distill.enabled else None, after_epoch=self.after_epoch)
         model.cpu().eval()
         return history
 
@@ -281,7 +292,8 @@ class Context:
         self.recalibrate(model)
         history = fit(model, self.loaders["train"], self.train_cfg, self.train_cfg.epochs - self.rewind_epoch,
                       device=self.device, after_step=lambda: apply_masks(model, masks), desc=desc,
-                      teacher=self.teacher if self.train_cfg.distill.enabled else None, start_epoch=self.rewind_epoch)
+                      teacher=self.teacher if self.train_cfg.distill.enabled else None, start_epoch=self.rewind_epoch,
+                      after_epoch=self.after_epoch)
         model.cpu().eval()
         return history
 

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep import identity, pipeline, records, tracking
+from pqsweep import early_stop, identity, pipeline, records, tracking
 from pqsweep.cache import store
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,16 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
     if not launched:  # else the sweeper created the run with its study's name and trial number
         tags |= tracking.trial_tags(cfg.study.name, trial_number)
     name = records.run_name(cfg)
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(masked(cfg), resolve=True)
     with tracking.task_run(name, tags, run_id=cfg.launch.run_id) as active:
         run_id = active.info.run_id
         tracking.log_batch(MlflowClient(), run_id, params=records.params(cfg) | records.chosen_experiment())
         mlflow.log_text(config_yaml, "config.yaml")
         with tempfile.TemporaryDirectory(prefix="pqsweep-export-") as exported:
-            result = pipeline.run(cfg, artifact_dir=exported)
+            try:
+                result = pipeline.run(cfg, artifact_dir=exported)
+            except early_stop.Stopped as stopped:
+                return record_stopped(stopped)
             if any(Path(exported).iterdir()):
                 mlflow.log_artifacts(exported, "model")
         records.log_inputs(cfg, result.data)
@@ -61,3 +64,26 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
     if not launched and tracking.PARENT_ENV not in os.environ:  # a sweep's own line says where its trials are
         log.info("in MLflow: %s", tracking.ui_link(active.info.experiment_id, run_id))
     return result.metrics
+
+
+def masked(cfg: DictConfig) -> DictConfig:
+    """The config as logged: a storage URL's password masked (launch.storage, set for study.early_stop)."""
+    if cfg.launch.storage is None:
+        return cfg
+    shown = cfg.copy()
+    shown.launch.storage = tracking.masked(cfg.launch.storage)
+    return shown
+
+
+def record_stopped(stopped: early_stop.Stopped) -> dict:
+    """A trial study.early_stop stopped: its run KILLED (not FINISHED: its accuracy is not a result) with why, the
+    validation curve it had and the cost it was priced at; the sweeper marks it PRUNED in Optuna."""
+    for epoch, top1 in enumerate(stopped.curve, 1):
+        mlflow.log_metric("val_top1", top1, step=epoch)
+    mlflow.log_metrics({**stopped.costs, "finetune_epochs_run": float(stopped.epochs_run)})
+    mlflow.set_tags({"early_stopped": "true", "early_stop_reason": str(stopped)[:5000],
+                     "early_stop_epochs_saved": str(stopped.epochs_saved)})
+    mlflow.end_run("KILLED")
+    log.info("stopped early after %d fine-tune epoch%s: %s", stopped.epochs_run, "" if stopped.epochs_run == 1
+             else "s", stopped)
+    return {"stopped": str(stopped), "epochs_run": stopped.epochs_run, "epochs_saved": stopped.epochs_saved}

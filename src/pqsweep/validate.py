@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
-from pqsweep.metrics import OBJECTIVES
+from pqsweep.metrics import CURVED, OBJECTIVES, UNCURVED
 from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, GroupNormConfig, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
@@ -243,7 +243,13 @@ def tracking(node) -> list[Check]:
 def study(node) -> list[Check]:
     ok = bool(node.objectives) and all(name in OBJECTIVES for name in node.objectives)
     return [Check("objectives", list(node.objectives), ok, f"metric names among {', '.join(OBJECTIVES)}"),
-            at_least("seeds", node.seeds, 1)]
+            at_least("seeds", node.seeds, 1), at_least("early_stop.min_epoch", node.early_stop.min_epoch, 1),
+            at_least("early_stop.min_trials", node.early_stop.min_trials, 1),
+            Check("early_stop.margin", node.early_stop.margin, node.early_stop.margin >= 0, "pp of top-1, >= 0"),
+            Check("early_stop.enabled", True, not node.early_stop.enabled or (
+                any(o in CURVED for o in node.objectives) and not any(o in UNCURVED for o in node.objectives)),
+                "false, or objectives whose accuracy is top1 or top1_delta: a trial's curve predicts top-1, not "
+                f"{' or '.join(UNCURVED)}")]
 
 
 # Never test: the amounts a sensitivity scan chooses are a decision, and test data must not make it.

@@ -24,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pqsweep.reports import pareto, seeds
-from pqsweep.reports.sweeps import Sweep, listing, load
+from pqsweep.reports.sweeps import Sweep, listing, load, metric
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.tracking import resolve_uri
@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
         print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
     print(f"  {reference}")
+    for sweep in sweeps:
+        if (line := early_stopping(sweep)) is not None:
+            print(line)
 
     if bounds:
         by, chosen = within_budget(rows, bounds, objectives)
@@ -277,3 +280,16 @@ def log_back(client: MlflowClient, sweep: Sweep, rows: list[Row], out: Path, vol
 
 if __name__ == "__main__":
     main()
+
+
+def early_stopping(sweep: Sweep) -> str | None:
+    """What study.early_stop did in a sweep: the trials it stopped and the fine-tune epochs they did not run."""
+    stopped = [r for r in sweep.trials if r.data.tags.get("early_stopped") == "true"]
+    if not stopped:
+        return None
+    saved = sum(int(r.data.tags.get("early_stop_epochs_saved", 0)) for r in stopped)
+    ran = sum(metric(r, "finetune_epochs_run") or 0 for r in sweep.trials)
+    return (f"early stopping in {sweep.name}: {len(stopped)} of {len(sweep.trials)} trials stopped (KILLED, "
+            f"early_stop_reason tag), {saved:.0f} of {ran + saved:.0f} fine-tune epochs saved "
+            f"({saved / (ran + saved):.0%}); benchmarks/early_stop.py runs stopped trials to the end to see whether "
+            f"any would have reached the front")

@@ -71,6 +71,9 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
                     "measure (their constraint values are recorded); tpe and nsgaii spend their trials within "
                     "them", list(config.study.constraints),
                     "grid" if grid else config.hydra.sweeper.sampler._target_.rsplit(".", 1)[-1])
+    if config.study.early_stop.enabled and grid:
+        log.info("study.early_stop with the grid sampler: a point that cannot reach the front is stopped (PRUNED) "
+                 "and not run again on resume, so its row stays empty in reports")
     storage = plugin.storage or studies.default_storage(tracking.resolve_uri(config.tracking.uri))
     params = {f"sweeper.{k}": str(v) for k, v in (plugin.params or {}).items()}
     params |= {f"space.{k}": str(v) for k, v in space.distributions.items()}

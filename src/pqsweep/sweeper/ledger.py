@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from pqsweep import identity, tracking
+from pqsweep.early_stop import STOPPED_ATTR, TOP1_ATTR
 from pqsweep.reports.pareto import Bound, constraint_values
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper.space import Space, StudyMismatch
@@ -42,6 +43,7 @@ class Ledger:
     objectives: list[str]
     bounds: list[Bound]
     storage_shown: str  # the storage URL with its password masked: for logs and tags
+    url: str = ""  # the storage URL itself: a trial of study.early_stop records its curve there
 
     @classmethod
     def open(cls, config: DictConfig, name: str, space: Space, sampler, storage_url: str, heartbeat: int,
@@ -92,7 +94,7 @@ class Ledger:
             study.set_user_attr(studies.PARENT_ATTR, parent)
         tracking.share_view(experiment_id, objectives, tuple(space.distributions))  # the runs table it opens with
         study.set_user_attr(studies.READY_ATTR, True)
-        return cls(study, storage, name, experiment_id, parent, objectives, bounds, shown)
+        return cls(study, storage, name, experiment_id, parent, objectives, bounds, shown, str(storage_url))
 
     # -- trials ---------------------------------------------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class Ledger:
         """Tell the trial its objectives, with one Optuna constraint per bound of study.constraints (<= 0: within
         it; a metric the trial lacks: +inf), which NSGA-II and TPE rank by."""
         self.constrain(trial, metrics)
+        if "top1" in metrics:  # where a curve led: what study.early_stop learns its best case from
+            trial.set_user_attr(TOP1_ATTR, float(metrics["top1"]))
         values = [float(metrics[name]) for name in self.objectives]
         self.study.tell(trial, values=values)
         return values
@@ -126,6 +130,12 @@ class Ledger:
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             pass  # told already (it ended just before the signal)
         tracking.close_run(run_id, status, reason, replace=("FAILED",) if status == "KILLED" else ())
+
+    def stop(self, trial: Trial, reason: str) -> None:
+        """A trial study.early_stop stopped: PRUNED in Optuna with why (its task ended its MLflow run KILLED), so
+        a resumed study keeps the decision and no count of failures sees it."""
+        trial.set_user_attr(STOPPED_ATTR, reason)
+        self.study.tell(trial, state=TrialState.PRUNED)
 
     def discard(self, trial: Trial) -> None:
         """A trial that runs nothing (another worker took its point): failed and marked, so no count sees it."""

@@ -37,6 +37,9 @@ from pqsweep.sweeper.ledger import Ledger
 from pqsweep.sweeper.space import Space, StudyMismatch
 
 log = logging.getLogger("pqsweep.sweeper")
+# A trial that has ended for good: COMPLETE, or PRUNED by study.early_stop (a decision a resume keeps). Both count
+# towards a budget's n_trials, as Optuna's own optimize counts pruned trials.
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def duration(seconds: float) -> str:
@@ -84,13 +87,13 @@ class Loop:
     def next_trials(self, n: int) -> list:
         """Up to `n` trials to run now: queued grid points, or new samples up to the budget."""
         study, ledger = self.ledger.study, self.ledger
-        if self.space.grid:
-            taken = ledger.params(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        if self.space.grid:  # a point study.early_stop stopped (PRUNED) is decided: it does not run again
+            taken = ledger.params(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
             for point in spaces.to_enqueue(self.space, taken, self.attempted):
                 study.enqueue_trial(point, user_attrs={studies.POINT_ATTR: point})
             waiting = len(ledger.params(TrialState.WAITING))
             return [t for t in (study.ask() for _ in range(min(n, waiting))) if self.keep(t)]
-        done = len(ledger.params(TrialState.COMPLETE, TrialState.RUNNING))
+        done = len(ledger.params(*ENDED, TrialState.RUNNING))
         return [study.ask() for _ in range(min(n, self.plugin.n_trials - done))]
 
     def keep(self, trial) -> bool:
@@ -100,7 +103,7 @@ class Loop:
         queued = next(t for t in stored if t.number == trial.number)  # a study of before POINT_ATTR: fixed_params
         point = queued.user_attrs.get(studies.POINT_ATTR) or queued.system_attrs.get("fixed_params")
         others = [studies.trial_params(t) for t in stored if t.number != trial.number and not
-                  t.user_attrs.get(studies.DISCARD_ATTR) and t.state in (TrialState.COMPLETE, TrialState.RUNNING)]
+                  t.user_attrs.get(studies.DISCARD_ATTR) and t.state in (*ENDED, TrialState.RUNNING)]
         if spaces.taken_by_another(self.space, point, others):
             self.ledger.discard(trial)
             return False
@@ -114,6 +117,8 @@ class Loop:
         run_id = self.ledger.start(trial, params)
         overrides = tuple(f"{k}={v}" for k, v in params.items()) + self.space.overrides + (
             f"launch.trial={trial.number}", f"launch.run_id={run_id}")
+        if self.plugin.config.study.early_stop.enabled:  # the trial records its curve and reads the front there
+            overrides += (f"launch.study='{self.ledger.name}'", f"launch.storage='{self.ledger.url}'")
         return run_id, overrides
 
     # -- telling what happened -----------------------------------------------------------------------------------
@@ -129,6 +134,8 @@ class Loop:
         metrics = ret.return_value if isinstance(ret.return_value, dict) else {}
         if "error" in metrics:
             return None, str(metrics["error"])
+        if "stopped" in metrics:
+            return metrics, ""
         missing = [n for n in objectives if not isinstance(metrics.get(n), (int, float)) or math.isnan(metrics[n])]
         if missing:
             return None, f"the task returned no {', '.join(missing)}: {str(ret.return_value)[:200]}"
@@ -139,6 +146,11 @@ class Loop:
 
     def finish(self, trial, run_id: str, ret: JobReturn) -> None:
         metrics, reason = self.outcome(ret)
+        if metrics is not None and "stopped" in metrics:  # study.early_stop: its run is KILLED with the reason
+            self.ledger.stop(trial, metrics["stopped"])
+            self.ended.append((trial.number, "STOPPED", metrics["stopped"]))
+            self.progress(trial.number, None, f"stopped early after {metrics['epochs_run']:.0f} fine-tune epochs")
+            return
         if metrics is None:
             self.ledger.fail(trial, run_id, reason)  # closes a run whose job died before it ended
             log.warning("trial %d failed: %s", trial.number, reason)
@@ -153,7 +165,8 @@ class Loop:
         done, total = len(self.ended), max(self.total, len(self.ended))
         began, params = self.began.pop(number, (time.monotonic(), {}))
         point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
-        result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else f"FAILED ({reason[:80]})"
+        result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else \
+            reason if reason.startswith("stopped") else f"FAILED ({reason[:80]})"
         line = f"trial {done}/{total} · {point} · {result} · {duration(time.monotonic() - began)}"
         if done < total:
             line += f" · ~{duration((time.monotonic() - self.started) / done * (total - done))} left"
@@ -220,7 +233,7 @@ class Loop:
             self.abandon(launched, "FAILED", f"the sweep crashed: {type(error).__name__}: {error}")
             ledger.close("FAILED", f"{type(error).__name__}: {error}")
             raise
-        failed = [e for e in self.ended if e[1] != "FINISHED"]
+        failed = [e for e in self.ended if e[1] in ("FAILED", "KILLED")]
         if self.out_of_budget():
             ledger.close("FAILED", f"stopped: {len(failed)} failed trials")
         elif not ledger.running():
@@ -253,7 +266,7 @@ class Loop:
         return failed
 
     def out_of_budget(self) -> bool:
-        failed = sum(1 for e in self.ended if e[1] != "FINISHED")
+        failed = sum(1 for e in self.ended if e[1] in ("FAILED", "KILLED"))
         if not failed:
             return False
         limit = self.plugin.max_failures
@@ -267,25 +280,28 @@ class Loop:
 
     def to_run(self) -> int:
         """Grid points without a COMPLETE trial; for a budgeted sampler, the COMPLETE trials short of n_trials."""
-        complete = self.ledger.params(TrialState.COMPLETE)
+        ended = self.ledger.params(*ENDED)
         if self.space.grid:
-            return len(spaces.remaining(self.space, complete))
-        return max(0, self.plugin.n_trials - len(complete))
+            return len(spaces.remaining(self.space, ended))
+        return max(0, self.plugin.n_trials - len(ended))
 
     def plan(self) -> str:
-        return spaces.plan(self.space, self.ledger.params(TrialState.COMPLETE), self.plugin.n_trials)
+        stopped = len(self.ledger.params(TrialState.PRUNED))
+        plan = spaces.plan(self.space, self.ledger.params(*ENDED), self.plugin.n_trials)
+        return plan + (f" ({stopped} of them stopped early)" if stopped else "")
 
     def summarise(self) -> None:
         finished = sum(1 for e in self.ended if e[1] == "FINISHED")
+        stopped = sum(1 for e in self.ended if e[1] == "STOPPED")
         failed = [e for e in self.ended if e[1] == "FAILED"]
         killed = [e for e in self.ended if e[1] == "KILLED"]
-        log.info("study %s: this run: %d finished, %d failed, %d killed; study: %s",
-                 self.ledger.name, finished, len(failed), len(killed), self.plan())
+        log.info("study %s: this run: %d finished, %s%d failed, %d killed; study: %s", self.ledger.name, finished,
+                 f"{stopped} stopped early, " if stopped else "", len(failed), len(killed), self.plan())
         for number, status, reason in failed + killed:
             log.info("  trial %d %s: %s", number, status, reason)
         log.info("study %s in MLflow: %s", self.ledger.name, tracking.ui_link(self.ledger.experiment_id))
         self.ledger.tag({"trials_finished": str(finished), "trials_failed": str(len(failed)),
-                         "trials_killed": str(len(killed))})
+                         "trials_killed": str(len(killed)), "trials_stopped": str(stopped)})
 
     def save_results(self) -> None:
         """The plugin's optimization_results.yaml: the best trial, or the Pareto front."""
