@@ -278,7 +278,8 @@ def test_the_docs_worked_example_is_the_committed_code():
     for language, path in EXAMPLE.items():
         shown = [body for lang, body in blocks if lang == language and body.startswith(f"# {path}\n")]
         assert len(shown) == 1, f"'## Adding a method' has {len(shown)} ```{language} blocks starting '# {path}'"
-        assert shown[0].split("\n", 1)[1] == (REPO / path).read_text(), f"docs/extending.md's {path} differs from the file"
+        assert shown[0].split("\n", 1)[1] == (REPO / path).read_text(), \
+            f"docs/extending.md's {path} differs from the file"
 
 
 def git(*args: str) -> str:
