@@ -3,7 +3,7 @@
 The folder holds option files (conf/model/tiny_mlp.yaml, conf/dataset/quadrants.yaml, conf/pruning/nm_sparse.yaml)
 that start from pqsweep's family schemas, and one module (mylab.py, on PYTHONPATH) their `_target_`s name. Hydra
 finds the folder through `--config-dir <folder>` or `hydra.searchpath=[file://<folder>]`; the pre-run check composes
-with the same search path, so their options are validated like the built-in ones. Also here: the README's worked
+with the same search path, so their options are validated like the built-in ones. Also here: docs/extending.md's worked
 example of adding a method is the committed code, and the commit that added it touched nothing else.
 """
 
