@@ -1,10 +1,10 @@
-"""Every pruning and quantization method on one model, measured in one process: the methods table of the README.
+"""Every pruning and quantization method on one model, measured in one process: the table in docs/methods.md.
 
     python benchmarks/methods.py                                    # cnn on mnist5k (embedded data)
     python benchmarks/methods.py model=resnet18_cifar dataset=fake train.epochs=1 --csv results/resnet18_fake.csv
 
 Each row is one `pqsweep.pipeline.run` (no MLflow) on the same cached baseline; every override after the script
-name applies to every row. Sizes follow the README's definitions; latency is batch-1 CPU p50 at measure.threads.
+name applies to every row. Sizes follow docs/metrics.md's definitions; latency is batch-1 CPU p50 at measure.threads.
 """
 
 from __future__ import annotations

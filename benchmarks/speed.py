@@ -123,7 +123,7 @@ def p(times: np.ndarray, q: float) -> float:
 
 
 def table(name: str, header: list[str], rows: list[list], notes: list[str]) -> None:
-    """Print a Markdown table (the README's form) and write it to results/speed_<name>.csv."""
+    """Print a Markdown table (docs/performance.md's form) and write it to results/speed_<name>.csv."""
     cells = [[c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c) for c in row]
              for row in rows]
     print(f"\n### {name}\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -1,10 +1,11 @@
-"""The fault table: a test that injects a fault says so with `@injects(fault, does, lost)`, and the README's table of
-faults is generated from those decorators (`python tests/faults.py` prints it; test_faults checks the README holds
-it). The decorators are read from the test files' source, so the table needs no test to run."""
+"""The fault table: a test that injects a fault says so with `@injects(fault, does, lost)`, and the list of faults in
+docs/studies.md is generated from those decorators (`python tests/faults.py` prints it; test_faults checks the page
+holds it). The decorators are read from the test files' source, so the list needs no test to run."""
 
 from __future__ import annotations
 
 import ast
+import textwrap
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -34,8 +35,11 @@ def rows() -> list[tuple[str, str, str, str]]:
 
 
 def table() -> str:
-    lines = ["| fault | what pqsweep does | what is lost | test |", "|---|---|---|---|"]
-    lines += [f"| {fault} | {does} | {lost} | `{test}` |" for fault, does, lost, test in rows()]
+    """One Markdown item a fault, wrapped at 120 columns (the docs' width: a table's rows could not be)."""
+    lines = []
+    for fault, does, lost, test in rows():
+        lines += textwrap.wrap(f"**{fault}**: {does}. Lost: {lost}. `{test}`", 120, initial_indent="- ",
+                               subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 

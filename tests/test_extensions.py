@@ -3,7 +3,7 @@
 The folder holds option files (conf/model/tiny_mlp.yaml, conf/dataset/quadrants.yaml, conf/pruning/nm_sparse.yaml)
 that start from pqsweep's family schemas, and one module (mylab.py, on PYTHONPATH) their `_target_`s name. Hydra
 finds the folder through `--config-dir <folder>` or `hydra.searchpath=[file://<folder>]`; the pre-run check composes
-with the same search path, so their options are validated like the built-in ones. Also here: the README's worked
+with the same search path, so their options are validated like the built-in ones. Also here: docs/extending.md's worked
 example of adding a method is the committed code, and the commit that added it touched nothing else.
 """
 
@@ -261,24 +261,25 @@ def test_their_model_data_and_pruner_run_end_to_end(own, tmp_path, how, amount):
     assert metrics["baseline_top1"] >= 90 and metrics["top1"] >= 80
 
 
-# --- the README's worked example ---------------------------------------------------------------------------------
+# --- the worked example in docs/extending.md ---------------------------------------------------------------------
 
 EXAMPLE = {"yaml": "conf/quantization/weight_only_int8.yaml", "python": "src/pqsweep/quantization/weight_only.py"}
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+def docs_section(title: str, page: str = "docs/extending.md") -> str:
+    text = (REPO / page).read_text()
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README.md has no section '## {title}'"
+    assert match, f"{page} has no section '## {title}'"
     return match.group(1)
 
 
-def test_the_readme_worked_example_is_the_committed_code():
-    blocks = re.findall(r"^```(\w+)\n(.*?)^```", readme_section("Adding a method"), re.M | re.S)
+def test_the_docs_worked_example_is_the_committed_code():
+    blocks = re.findall(r"^```(\w+)\n(.*?)^```", docs_section("Adding a method"), re.M | re.S)
     for language, path in EXAMPLE.items():
         shown = [body for lang, body in blocks if lang == language and body.startswith(f"# {path}\n")]
         assert len(shown) == 1, f"'## Adding a method' has {len(shown)} ```{language} blocks starting '# {path}'"
-        assert shown[0].split("\n", 1)[1] == (REPO / path).read_text(), f"README's {path} differs from the file"
+        assert shown[0].split("\n", 1)[1] == (REPO / path).read_text(), \
+            f"docs/extending.md's {path} differs from the file"
 
 
 def git(*args: str) -> str:

@@ -1,7 +1,7 @@
 """Faults a run meets, injected for real, and what is left recorded: a trial that diverges fails with one line and
 is never a result; a cache entry under another's name is not trusted. (The study's faults, signals and dead
-workers, are in test_study.py; broken cache files in test_cache_integrity.py; every @injects test makes a row of the
-README's fault table.)"""
+workers, are in test_study.py; broken cache files in test_cache_integrity.py; every @injects test makes an item of
+the list of faults in docs/studies.md.)"""
 
 from __future__ import annotations
 
@@ -81,9 +81,9 @@ def test_an_entry_saved_under_another_key_is_not_trusted(make_cfg, caplog):
     assert stage_entry(first, "baseline")["key"] == stage_path(first, "baseline").stem.split("-")[1]
 
 
-def test_the_readmes_fault_table_is_the_injecting_tests():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert table() in readme, "README's fault table: paste `python tests/faults.py`"
+def test_the_docs_fault_list_is_the_injecting_tests():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "studies.md").read_text()
+    assert table() in page, "docs/studies.md's list of faults: paste `python tests/faults.py`"
 
 
 @pytest.mark.slow

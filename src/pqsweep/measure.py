@@ -1,6 +1,6 @@
 """Measurements of a model as it is stored and as it runs: accuracy, parameters, sparsity, MACs, size, latency.
 
-Definitions (also in the README). "Stored tensors" are the entries of `model.state_dict()` as torch.save writes
+Definitions (also in docs/metrics.md). "Stored tensors" are the entries of `model.state_dict()` as torch.save writes
 them: a torch.ao quantized tensor is its int8 integers plus its scale(s) (float64) and zero point(s) (int64), one
 pair per tensor or per output channel; a quantized Linear's packed (weight, bias) tuple counts as its two tensors.
 A *weight* is a stored tensor of 2 or more dimensions that is an nn.Parameter, holds integers or is sparse

@@ -1,10 +1,11 @@
 """What a run measures, one table: each MLflow metric's direction, unit, report column, format, place in the MLflow
 view and description. The sweeper takes objectives' directions from it, pqsweep-report its columns, the study's
-MLflow view its first columns, and the README's Metrics section is `python -m pqsweep.metrics` (a test compares).
+MLflow view its first columns, and docs/metrics.md is `python -m pqsweep.metrics` (a test compares).
 """
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 
@@ -81,9 +82,10 @@ def directions(objectives) -> list[str]:
 
 
 def markdown() -> str:
-    """The README's Metrics section: one line per metric, from this table."""
-    return "".join(f"- `{m.name}` ({m.direction or 'no direction'}{', ' + m.unit if m.unit else ''}): "
-                   f"{m.description}\n" for m in TABLE)
+    """docs/metrics.md: one item per metric, from this table, wrapped at the docs' 120 columns."""
+    return "".join(textwrap.fill(f"- `{m.name}` ({m.direction or 'no direction'}{', ' + m.unit if m.unit else ''}): "
+                                 f"{m.description}", 120, subsequent_indent="  ", break_long_words=False,
+                                 break_on_hyphens=False) + "\n" for m in TABLE)
 
 
 if __name__ == "__main__":
