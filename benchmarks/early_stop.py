@@ -15,7 +15,7 @@ loads a prune stage the other fine-tuned.
 Then every stopped trial is run to the end alone (its params, same settings, its own cache), and the table says
 whether any would have reached the stopping side's front: that is the rule's error, whatever the hypervolumes say.
 Hypervolume is pqsweep.reports.pareto.hypervolume over the finished trials, one reference point for both sides of a
-seed (the worst top1 and size over both). Epochs are the trials' `finetune_epochs_run` (stopped ones: until they
+seed (the worst top1 and size over both). Epochs are the trials' `finetune_epochs_run` tags (stopped ones: until they
 stopped). The CSV is results/early_stop.csv.
 """
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             front = [point(r) for r in finished["early_stop"]]
             reached = sum(pareto_front(front + [p], OBJECTIVES)[-1] for p in ended)
             volume = {s: hypervolume([point(r) for r in rs], OBJECTIVES, reference) for s, rs in finished.items()}
-            epochs = {s: sum(r.data.metrics.get("finetune_epochs_run", 0) for r in rs) for s, rs in sides.items()}
+            epochs = {s: sum(int(r.data.tags.get("finetune_epochs_run", 0)) for r in rs) for s, rs in sides.items()}
             rows.append({"seed": seed, "trials": args.trials, "stopped": len(stopped),
                          "would_have_reached_front": reached,
                          "hv_plain": volume["plain"], "hv_early_stop": volume["early_stop"],

@@ -45,7 +45,7 @@ def test_a_trial_cheaper_than_every_finished_trial_is_on_the_front_and_never_sto
 
 
 def test_a_best_case_that_reaches_the_front_goes_on():
-    assert rule([76.0], 0.03, FRONT) is None  # 76 + 20 = 96 > 95
+    assert rule([76.0], 0.03, FRONT, min_trials=2) is None  # 76 + 20 = 96 > 95
     assert rule([60.0], 0.03, FRONT, margin=15.0) is None  # the margin widens the best case
 
 
@@ -53,6 +53,15 @@ def test_nothing_stops_before_min_epoch_or_with_too_few_curves_that_long():
     assert rule([60.0], 0.03, FRONT, min_epoch=2) is None
     assert rule([60.0], 0.03, FRONT, min_trials=3) is None
     assert rule([60.0, 61.0, 62.0, 63.0], 0.03, FRONT) is None  # no finished curve has 4 epochs to learn from
+
+
+def test_the_best_case_learns_from_the_nearest_curves_not_from_a_far_recovery():
+    # trial 2 recovered 60 points from 30 %; a trial at 85 % learns from the two nearest (gains 2): 87 < 95
+    front = [Finished(0, 95.0, {"top1": 95.0, "size_gzip_mb": 0.02}, (93.0,)),
+             Finished(1, 94.0, {"top1": 94.0, "size_gzip_mb": 0.01}, (92.0,)),
+             Finished(2, 90.0, {"top1": 90.0, "size_gzip_mb": 0.5}, (30.0,))]
+    assert rule([85.0], 0.03, front, min_trials=2) is not None
+    assert rule([85.0], 0.03, front, min_trials=3) is None  # with it: 85 + 60
 
 
 def test_the_gain_is_learned_at_the_trials_own_epoch():
@@ -112,7 +121,7 @@ def test_a_trial_no_finished_trial_is_cheaper_than_goes_on_and_ends_as_without_s
                                   f"cache.dir={tmp_path}/other_cache"))
     for name in ("top1", "top5", "size_mb", "size_gzip_mb", "sparsity", "macs", "params_nonzero"):
         assert watched.metrics[name] == plain.metrics[name], name
-    assert watched.metrics["finetune_epochs_run"] == 3
+    assert watched.epochs_run == 3
     study = optuna.load_study(study_name="s", storage=open_storage(url, None))
     assert len(study.trials[number].user_attrs[CURVE_ATTR]) == 3
 
@@ -126,6 +135,7 @@ def test_a_stopped_trials_run_is_killed_with_its_reason_curve_and_cost(make_cfg,
     (run,) = client.search_runs(experiment_ids(client), "tags.stage = 'trial'")
     assert run.info.status == "KILLED" and run.data.tags["early_stopped"] == "true"
     assert "top1" not in run.data.metrics and "size_gzip_mb" in run.data.metrics
+    assert run.data.tags["finetune_epochs_run"] == "1" and run.data.tags["early_stop_epochs_saved"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1]
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert "optuna.journal" in open(config).read()

@@ -48,6 +48,7 @@ def test_a_run_hands_back_its_metrics_its_baseline_its_data_and_the_model_as_dep
     assert m["baseline_top1"] == b["top1"] and m["top1_delta"] == m["top1"] - b["top1"]
     assert (b["top1"], m["top1"]) == (7.5, 10.0)
     assert m["params_trainable"] == 18346.0  # every parameter of the float model trains (train.trainable unset)
+    assert result.epochs_run == cfg.train.finetune_epochs
     assert result.stages_cached == {"data": False, "baseline": False, "baseline_metrics": False, "prune": False}
     assert result.data == DIGITS_200
 

@@ -61,9 +61,6 @@ TABLE = (
     Metric("latency_ms_p90", "minimize", "ms", "p90 ms", "{:.3f}", False, "their 90th percentile."),
     Metric("latency_threads", None, "", "latency_threads", "{:.4g}", False,
            "the threads the latency was measured at: a setting recorded beside it."),
-    Metric("finetune_epochs_run", None, "", "finetune_epochs_run", "{:.0f}", False,
-           "fine-tune epochs this trial ran itself (structured step, pruning rounds, prune stage, QAT); 0 where they "
-           "were loaded from the cache: the work `study.early_stop` saves."),
     Metric("export_max_abs_diff", "minimize", "", "export_max_abs_diff", "{:.4g}", False,
            "with `export`: max |exported - eager| logit on the example and a batch of four."),
 )

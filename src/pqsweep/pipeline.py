@@ -49,6 +49,9 @@ class RunResult:
     data: dict[str, int] = field(default_factory=dict)  # split sizes and image shape (describe_data)
     model: nn.Module | None = None  # the model as deployed, kept only where tracking.log_model asks for it
     example: torch.Tensor | None = None  # one test input, beside `model`
+    # fine-tune epochs this process ran (0 where its stages were loaded): a fact of the work, like stages_cached,
+    # not a result, so a tag (finetune_epochs_run) and not a metric
+    epochs_run: int = 0
 
 
 def describe_data(splits: DataSplits) -> dict[str, int]:
@@ -281,7 +284,6 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more
     metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
-    metrics["finetune_epochs_run"] = float(ctx.epochs_run)
 
     if cfg.export != Export.none:
         from pqsweep.export import export  # onnx/onnxruntime load only when asked for
@@ -296,4 +298,4 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
     return RunResult(metrics, base, reference, dict(stages.cached), describe_data(splits),
-                     deployed if kept else None, example if kept else None)
+                     deployed if kept else None, example if kept else None, ctx.epochs_run)

@@ -93,12 +93,13 @@ class CacheConfig:
 class EarlyStopConfig:
     """Pareto-aware early stopping of a sweep's fine-tuning trials (pqsweep.early_stop): a trial stops when a
     finished trial at least as cheap on every cost objective is more accurate than its best case, its validation
-    top-1 so far plus the largest gain a finished trial made from that epoch on, plus `margin`."""
+    top-1 so far plus the largest gain to the end of the `min_trials` finished curves nearest to it, plus `margin`."""
 
     enabled: bool = False
     min_epoch: int = 2  # the first fine-tune epoch after which a trial may stop (>= 1)
     margin: float = 1.0  # pp of top-1 added to the learned best case: higher stops fewer trials (>= 0)
-    min_trials: int = 4  # finished trials with a curve that long before any trial is stopped (>= 1)
+    # finished curves that long before any trial is stopped, and how many of the nearest a best case learns from
+    min_trials: int = 4
 
 
 @dataclass

@@ -251,7 +251,7 @@ class Context:
     rewind_epoch: int = 0  # pruning.rewind_epoch
     rewind_state: dict | None = None  # the baseline's weights at rewind_epoch (rewind=weights)
     monitor: object | None = None  # study.early_stop's pqsweep.early_stop.Monitor, in a sweep's trial
-    epochs_run: int = 0  # fine-tune epochs this process ran (the metric finetune_epochs_run)
+    epochs_run: int = 0  # fine-tune epochs this process ran (the run's tag finetune_epochs_run)
 
     def after_epoch(self, model: nn.Module, done: int, epochs: int) -> None:
         self.epochs_run += 1

@@ -50,7 +50,8 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
             if any(Path(exported).iterdir()):
                 mlflow.log_artifacts(exported, "model")
         records.log_inputs(cfg, result.data)
-        mlflow.set_tags({f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()})
+        mlflow.set_tags({f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()} |
+                        {"finetune_epochs_run": str(result.epochs_run)})
         mlflow.log_metrics(result.metrics)
         if result.model is not None:
             records.log_model(result.model, result.example, name)
@@ -80,9 +81,10 @@ def record_stopped(stopped: early_stop.Stopped) -> dict:
     validation curve it had and the cost it was priced at; the sweeper marks it PRUNED in Optuna."""
     for epoch, top1 in enumerate(stopped.curve, 1):
         mlflow.log_metric("val_top1", top1, step=epoch)
-    mlflow.log_metrics({**stopped.costs, "finetune_epochs_run": float(stopped.epochs_run)})
+    mlflow.log_metrics(stopped.costs)
     mlflow.set_tags({"early_stopped": "true", "early_stop_reason": str(stopped)[:5000],
-                     "early_stop_epochs_saved": str(stopped.epochs_saved)})
+                     "early_stop_epochs_saved": str(stopped.epochs_saved),
+                     "finetune_epochs_run": str(stopped.epochs_run)})
     mlflow.end_run("KILLED")
     log.info("stopped early after %d fine-tune epoch%s: %s", stopped.epochs_run, "" if stopped.epochs_run == 1
              else "s", stopped)

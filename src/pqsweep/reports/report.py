@@ -24,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pqsweep.reports import pareto, seeds
-from pqsweep.reports.sweeps import Sweep, listing, load, metric
+from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.tracking import resolve_uri
@@ -288,7 +288,7 @@ def early_stopping(sweep: Sweep) -> str | None:
     if not stopped:
         return None
     saved = sum(int(r.data.tags.get("early_stop_epochs_saved", 0)) for r in stopped)
-    ran = sum(metric(r, "finetune_epochs_run") or 0 for r in sweep.trials)
+    ran = sum(int(r.data.tags.get("finetune_epochs_run", 0)) for r in sweep.trials)
     return (f"early stopping in {sweep.name}: {len(stopped)} of {len(sweep.trials)} trials stopped (KILLED, "
             f"early_stop_reason tag), {saved:.0f} of {ran + saved:.0f} fine-tune epochs saved "
             f"({saved / (ran + saved):.0%}); benchmarks/early_stop.py runs stopped trials to the end to see whether "
