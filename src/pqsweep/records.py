@@ -58,9 +58,11 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: 
     return run.info.run_id
 
 
-def log_model(model, example, run_name: str) -> None:
+def log_model(model, example, run_name: str, params: dict[str, str] | None = None) -> str:
     """The compressed model as an MLflow model (mlflow.pytorch), with the signature and input example of one test
-    image: what the UI's Models column shows and "Register model" takes. It is stored as TorchScript, the one format
+    image, `params` (what shaped it) and its run's name; returns its MLflow 3 LoggedModel id, which the trial's metrics
+    are then logged with, so the experiment's Models tab lists it with them. It is what the UI's Models column shows
+    and "Register model" takes. It is stored as TorchScript, the one format
     that holds every kind here (pqsweep.export); MLflow's default, torch.export, cannot trace torch.ao's int8
     modules, and a pickled torch.ao FX graph does not load back. mlflow.pyfunc.load_model runs it without pqsweep
     (a pt2e graph needs `import torch.ao.quantization.fx._decomposed` first)."""
@@ -81,11 +83,12 @@ def log_model(model, example, run_name: str) -> None:
     level = pickle_warning.level
     pickle_warning.setLevel(logging.ERROR)
     try:
-        mlflow.pytorch.log_model(traced(model, example), name="compressed_model", signature=signature,
-                                 input_example=example.numpy(), pip_requirements=[f"torch=={version('torch')}"],
-                                 serialization_format="pickle", tags={"run_name": run_name})
+        info = mlflow.pytorch.log_model(traced(model, example), name="compressed_model", signature=signature,
+                                        input_example=example.numpy(), pip_requirements=[f"torch=={version('torch')}"],
+                                        serialization_format="pickle", tags={"run_name": run_name}, params=params)
     finally:
         pickle_warning.setLevel(level)
+    return info.model_id
 
 
 def chosen_experiment() -> dict[str, str]:
