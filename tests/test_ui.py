@@ -110,7 +110,8 @@ def test_a_new_user_sees_the_study_its_trials_objectives_chart_and_models(sweep,
                 assert in_sight(cell.bounding_box(), frame) and in_sight(cell.bounding_box(), window), column
         # sorted best first by the first objective, as the store holds it (top to bottom on screen; the DOM's order
         # is the grid's own)
-        top1 = [c.inner_text() for c in sorted(cells(page, "metrics.`top1`").all(), key=lambda c: c.bounding_box()["y"])]
+        top1 = [c.inner_text()
+                for c in sorted(cells(page, "metrics.`top1`").all(), key=lambda c: c.bounding_box()["y"])]
         best = max(trials.values(), key=lambda r: r.data.metrics["top1"])
         assert top1[0].startswith(repr(best.data.metrics["top1"])[:6]), top1
         page.screenshot(path=shots / "2-study.png")

@@ -58,11 +58,11 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: 
     return run.info.run_id
 
 
-def log_model(model, example, run_name: str, params: dict[str, str] | None = None) -> str:
+def log_model(model, example, run_name: str) -> None:
     """The compressed model as an MLflow model (mlflow.pytorch), with the signature and input example of one test
-    image, `params` (what shaped it) and its run's name; returns its MLflow 3 LoggedModel id, which the trial's metrics
-    are then logged with, so the experiment's Models tab lists it with them. It is what the UI's Models column shows
-    and "Register model" takes. It is stored as TorchScript, the one format
+    image: what the UI's Models column shows and "Register model" takes. In MLflow 3 it is a LoggedModel of the
+    trial's run, which takes the run's params and the metrics the run logged at step 0 (before or after it) as its
+    own, so the experiment's Models tab lists the study's models with them (test_tracking, test_ui). It is stored as TorchScript, the one format
     that holds every kind here (pqsweep.export); MLflow's default, torch.export, cannot trace torch.ao's int8
     modules, and a pickled torch.ao FX graph does not load back. mlflow.pyfunc.load_model runs it without pqsweep
     (a pt2e graph needs `import torch.ao.quantization.fx._decomposed` first)."""
@@ -83,12 +83,11 @@ def log_model(model, example, run_name: str, params: dict[str, str] | None = Non
     level = pickle_warning.level
     pickle_warning.setLevel(logging.ERROR)
     try:
-        info = mlflow.pytorch.log_model(traced(model, example), name="compressed_model", signature=signature,
-                                        input_example=example.numpy(), pip_requirements=[f"torch=={version('torch')}"],
-                                        serialization_format="pickle", tags={"run_name": run_name}, params=params)
+        mlflow.pytorch.log_model(traced(model, example), name="compressed_model", signature=signature,
+                                 input_example=example.numpy(), pip_requirements=[f"torch=={version('torch')}"],
+                                 serialization_format="pickle", tags={"run_name": run_name})
     finally:
         pickle_warning.setLevel(level)
-    return info.model_id
 
 
 def chosen_experiment() -> dict[str, str]:

@@ -48,10 +48,9 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
                 mlflow.log_artifacts(exported, "model")
         records.log_inputs(cfg, result.data)
         mlflow.set_tags({f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()})
-        model_id = None
-        if result.model is not None:  # first, so that its metrics are the model's too (MLflow 3's Models tab)
-            model_id = records.log_model(result.model, result.example, name, records.params(cfg))
-        mlflow.log_metrics(result.metrics, model_id=model_id)
+        mlflow.log_metrics(result.metrics)
+        if result.model is not None:
+            records.log_model(result.model, result.example, name)
     with store(cfg, "baseline").lock(result.baseline.key):  # parallel trials of one sweep log the baseline once
         # beside the trial: a study resumed from a store of before one experiment per study keeps its first one
         records.log_baseline(cfg, result.baseline.key, result.baseline_metrics, result.baseline.history, config_yaml,

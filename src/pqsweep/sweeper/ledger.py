@@ -166,7 +166,8 @@ class Ledger:
         front = {t.number for t in self.front()}
         runs = {t.number: t.user_attrs.get(studies.RUN_ATTR)
                 for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-        view.mark_front([r for n, r in runs.items() if r and n in front], [r for n, r in runs.items() if r and n not in front])
+        view.mark_front([r for n, r in runs.items() if r and n in front],
+                        [r for n, r in runs.items() if r and n not in front])
 
     def front(self) -> list[FrozenTrial]:
         """Optuna's best trials (the front), less those discarded."""
