@@ -12,7 +12,7 @@ hold, read from 3.17's UI (experiment-page `ExperimentPageUIState`, and the hook
 - nothing that rounds a number: the table shows a metric as logged (latency to 9 digits). pqsweep logs no rounded
   second copy; `pqsweep-report` prints the rounded table;
 - nothing that colours a scatter's points by a value: the front is marked by the trials' `pareto` tag, a column here
-  (`front` or `dominated`, written when the study ends) and the chart's tooltip.
+  (`front` or `dominated`, written when the study ends); the chart's tooltip names each point's run.
 """
 
 from __future__ import annotations
