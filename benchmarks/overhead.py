@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/overhead.py                  # 20 empty trials, the 18-point grid at 1 + 1 epochs
     .venv/bin/python benchmarks/overhead.py --trials 40 --epochs 2 --finetune-epochs 1
+    .venv/bin/python benchmarks/overhead.py --async-logging  # the empty sweep with MLflow's async logging, and without
 
 Both are sequential `pqsweep -m` sweeps (basic launcher, trials in one process), each in a fresh directory. The
 empty sweep is as close to nothing as the config allows: `dataset=digits` (embedded, 360 test images, cached after
@@ -16,6 +17,10 @@ MLflow run), Hydra's composition of the job's config, the task and its logging. 
 own log lines: launch -> "baseline ... loaded" (composition, job set-up, MLflow set-up, params and config logged,
 data and model), -> "run ... top1" (the pipeline, metrics and tags logged), -> the next launch (Hydra's job
 teardown, the sweeper's tell, ask and next run).
+
+`--async-logging` runs the empty sweep four times instead, alternately without and with MLflow's asynchronous
+logging (MLFLOW_ENABLE_ASYNC_LOGGING=true: fluent log_* calls queue and return; the run waits for the queue when it
+ends), and prints the median trial of each and their ratio, into results/overhead_async.csv.
 """
 
 from __future__ import annotations
@@ -59,11 +64,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="train.epochs of the typical sweep (make run: 20)")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="train.finetune_epochs (make run: 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS)")
-    parser.add_argument("--csv", default=str(ROOT / "results" / "overhead.csv"))
+    parser.add_argument("--async-logging", action="store_true", help="compare the empty sweep with async logging")
+    parser.add_argument("--csv", default=None, help="default: results/overhead.csv (overhead_async.csv)")
     args = parser.parse_args()
     rates = ",".join(f"{(i + 1) * 1e-4:.4g}" for i in range(args.trials))
     empty_overrides = ["dataset=digits", "train.epochs=0", "pruning=none", "quantization=none", "measure.warmup=0",
                        "measure.repeats=2", "measure.top5=false", f"train.finetune_lr={rates}"]
+    if args.async_logging:
+        return compare_async(empty_overrides, args)
+    args.csv = args.csv or str(ROOT / "results" / "overhead.csv")
     typical_overrides = ["sweep=mnist_cnn_sparsity_x_precision", f"train.epochs={args.epochs}",
                          f"train.finetune_epochs={args.finetune_epochs}"]
 
@@ -95,6 +104,30 @@ def main() -> None:
     with open(args.csv, "w", newline="") as f:
         csv.writer(f).writerows([header, *body, ["settings", f"trials={args.trials}", f"train.epochs={args.epochs}",
                                                  f"train.finetune_epochs={args.finetune_epochs}", "", ""]])
+
+
+def compare_async(overrides: list[str], args) -> None:
+    """The empty sweep without, with, without and with async logging; the median trial of each mode."""
+    modes = {"sync": {"MLFLOW_ENABLE_ASYNC_LOGGING": "false"}, "async": {"MLFLOW_ENABLE_ASYNC_LOGGING": "true"}}
+    timed = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory(prefix="pqsweep-overhead-") as tmp:
+        for turn in range(2):  # alternated, so that the shared machine's drift falls on both
+            for mode, env in modes.items():
+                sweep = run_sweep(overrides, Path(tmp) / f"{mode}{turn}", args.threads, env)
+                timed[mode] += intervals(sweep)
+                print(f"{mode} {turn}: {len(sweep.trials)} trials, {sweep.seconds:.1f} s", flush=True)
+    header = ["empty trial", "trials timed", "median (s)", "mean (s)", "min (s)", "max (s)"]
+    body = [[mode, str(len(t)), f"{statistics.median(t):.3f}", f"{statistics.mean(t):.3f}", f"{min(t):.3f}",
+             f"{max(t):.3f}"] for mode, t in timed.items()]
+    ratio = statistics.median(timed["async"]) / statistics.median(timed["sync"])
+    mean_ratio = statistics.mean(timed["async"]) / statistics.mean(timed["sync"])
+    body.append(["async / sync", "", f"{ratio:.3f}", f"{mean_ratio:.3f}", "", ""])
+    print(table(header, body))
+    print(f"{os.cpu_count()} CPUs; trials={args.trials} per sweep, 2 sweeps per mode, first trial of each left out")
+    path = Path(args.csv or ROOT / "results" / "overhead_async.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *body, ["settings", f"trials={args.trials}", "", "", "", ""]])
 
 
 if __name__ == "__main__":

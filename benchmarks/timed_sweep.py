@@ -85,12 +85,13 @@ def pinned(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_sweep(overrides: list[str], work: Path, threads: int = 1) -> Sweep:
-    """`pqsweep -m <overrides>` in `work` (created), with its store, study, cache and outputs all under `work`."""
+def run_sweep(overrides: list[str], work: Path, threads: int = 1, env: dict[str, str] | None = None) -> Sweep:
+    """`pqsweep -m <overrides>` in `work` (created), with its store, study, cache and outputs all under `work`;
+    `env`: more environment variables for it."""
     work.mkdir(parents=True)
     command = [str(BIN / "pqsweep"), "-m", *overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
                f"cache.dir={work}/cache", f"hydra.sweep.dir={work}/multirun"]
-    env = pinned(threads)
+    env = pinned(threads) | (env or {})
     seconds, cpu_seconds, done = timed(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True)
     if done.returncode != 0:

@@ -245,6 +245,14 @@ def test_tracking_schemes_are_mlflows_own():
         validate(compose_cfg(f"tracking.uri={uri}"))
 
 
+def test_system_metrics_without_psutil_are_refused_in_one_line(monkeypatch):
+    # MLflow itself only warns and logs none; psutil is the extra `system` (None in sys.modules: it cannot import)
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    message = check(["tracking.system_metrics=true"])
+    assert "tracking.system_metrics" in message and "psutil" in message and len(message.splitlines()) == 1
+    assert check(["tracking.system_metrics=false"]) is None
+
+
 # --- the command: rc 1, one line, nothing written ---------------------------------------------------------------
 
 CLI = {

@@ -81,10 +81,10 @@ def test_a_top1_delta_objective_compares_against_the_trials_own_baseline():
 # -- the trial's side: the real pipeline against a study whose finished trials are constructed ---------------------
 
 
-def constructed_study(path, accuracy: float, size: float, running: bool = True):
+def constructed_study(path, accuracy: float, size: float, running: bool = True, url: str | None = None):
     """A journal study with one finished trial (top1 `accuracy` at gzip size `size`, its curve 1 pp below) and, where
     `running`, one RUNNING trial for the run under test; returns (storage url, that trial's number)."""
-    url = str(path / "optuna.journal")
+    url = url or str(path / "optuna.journal")
     study = optuna.create_study(study_name="s", storage=open_storage(url, None), directions=["maximize", "minimize"])
     study.add_trial(optuna.trial.create_trial(values=[accuracy, size],
                                               user_attrs={TOP1_ATTR: accuracy, CURVE_ATTR: [accuracy - 1.0] * 8}))
@@ -167,3 +167,20 @@ def test_a_sweep_prunes_dominated_points_and_a_resume_keeps_the_decision(tmp_pat
     # each stopped after epoch 2 of 3: one epoch saved each
     assert "early stopping in s: 2 of 2 trials stopped (KILLED, early_stop_reason tag), 2 of 6 fine-tune epochs " \
            "saved (33%)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_joblib_workers_on_an_rdb_storage_stop_their_trials_from_their_own_processes(tmp_path):
+    url, _ = constructed_study(tmp_path, accuracy=100.0, size=1e-6, running=False,
+                               url=f"sqlite:///{tmp_path}/optuna.db")
+    command = [sys.executable, "-m", "pqsweep.cli", "-m", "dataset=digits", "train.epochs=1",
+               "train.finetune_epochs=2", "measure.warmup=2", "measure.repeats=5", "pruning=global_magnitude",
+               "pruning.amount=0.3,0.6", "study.name=s", f"hydra.sweeper.storage={url}", "hydra/launcher=joblib",
+               "hydra.launcher.n_jobs=2", "study.objectives=[top1,size_gzip_mb]", "study.early_stop.enabled=true",
+               "study.early_stop.min_epoch=1", "study.early_stop.min_trials=1",
+               f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"cache.dir={tmp_path}/cache"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=url)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert len(pruned) == 2 and all(len(t.user_attrs[CURVE_ATTR]) == 1 for t in pruned)

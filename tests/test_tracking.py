@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from nets import compose_cfg
-from pqsweep import records, tracking
+from pqsweep import records, tracking, view
 from pqsweep.cli import run_and_log
 from pqsweep.pipeline import load_splits
 from pqsweep.tracking import resolve_uri
@@ -75,6 +75,10 @@ def test_log_model_logs_the_deployed_model_that_reproduces_the_trials_top1(make_
     run = trial_run(cfg)
     (model,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert model.source_run_id == run.info.run_id and model.name == "compressed_model"
+    # an MLflow 3 model record: the trial's metrics are the model's, and so are the params that shaped it
+    assert {m.key: m.value for m in model.metrics} == pytest.approx(metrics)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # the run's output, both ways
+    assert model.params["pruning.amount"] == "0.5" and model.params["quantization"] == quantization
     info = mlflow.models.get_model_info(model.model_uri)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
@@ -99,6 +103,18 @@ def test_without_log_model_no_model_is_logged(make_cfg):
     assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
 
 
+@pytest.mark.slow
+def test_system_metrics_are_logged_in_the_trials_run_when_asked_and_only_then(make_cfg):
+    pytest.importorskip("psutil")  # the extra `system`; without it the pre-run check refuses (test_bad_input)
+    for asked in (True, False):
+        cfg = make_cfg("train.epochs=1", f"tracking.system_metrics={str(asked).lower()}",
+                       f"tracking.experiment=system_{asked}")
+        run_and_log(cfg)
+        system = {k for k in trial_run(cfg).data.metrics if k.startswith("system/")}
+        assert ({"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system) if asked \
+            else not system, system
+
+
 def test_each_study_has_its_experiment_and_sensitivity_scans_theirs():
     assert compose_cfg().tracking.experiment == "adhoc"
     assert compose_cfg("sweep=mnist_cnn_sparsity_x_precision").tracking.experiment == "mnist_cnn_sparsity_x_precision"
@@ -107,21 +123,35 @@ def test_each_study_has_its_experiment_and_sensitivity_scans_theirs():
     assert compose_cfg(config_name="sensitivity").tracking.experiment == "sensitivity"
 
 
-def test_the_view_a_study_opens_with_shows_its_objectives_size_latency_and_swept_keys(make_cfg):
+def test_the_view_a_study_opens_with_shows_its_objectives_and_swept_keys_first_and_charts_them(make_cfg):
     cfg = make_cfg("study.objectives=[size_gzip_mb,top1]")
     experiment = tracking.setup(cfg)
-    tracking.share_view(experiment, ["size_gzip_mb", "top1"], ("quantization", "pruning.amount"))
+    view.share_view(experiment, ["size_gzip_mb", "top1"], ("quantization", "pruning.amount"))
     state = json.loads(MlflowClient().get_experiment(experiment).tags["mlflow.sharedViewState.pqsweep"])
-    assert state["selectedColumns"] == [
-        "metrics.`top1`", "metrics.`size_gzip_mb`", "metrics.`top1_delta`", "metrics.`size_mb`",
-        "metrics.`size_sparse_mb`", "metrics.`latency_ms_p50`", "params.`quantization`", "params.`pruning.amount`",
-        "attributes.`Dataset`", "attributes.`Models`"]
-    link = tracking.ui_link(experiment)
+    shown = ["metrics.`size_gzip_mb`", "metrics.`top1`", "params.`quantization`", "params.`pruning.amount`",
+             "metrics.`top1_delta`", "metrics.`size_mb`", "metrics.`size_sparse_mb`", "metrics.`latency_ms_p50`",
+             "tags.`pareto`", "attributes.`Dataset`", "attributes.`Models`"]
+    # MLflow sorts a group's columns by name unless columnOrder says otherwise
+    assert state["selectedColumns"] == state["columnOrder"] == shown
+    # sorted by the first objective, its own way: the UI then lists every trial as a row, none folded under the parent
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`size_gzip_mb`", True)
+    assert state["runsHiddenMode"] == "SHOW_ALL"  # the charts hold every run, not the first ten
+    (chart,) = state["compareRunCharts"]
+    assert (chart["type"], chart["xaxis"]["key"], chart["yaxis"]["key"]) == ("SCATTER", "size_gzip_mb", "top1")
+    assert chart["metricSectionId"] == state["compareRunSections"][0]["uuid"]
+    link = view.ui_link(experiment)
     assert link.endswith(f"#/experiments/{experiment}/runs?viewStateShareKey=pqsweep&workflowType=machine_learning")
     assert f"mlflow ui --backend-store-uri {resolve_uri(cfg.tracking.uri)}" in link
-    assert tracking.ui_link(experiment, "abc").endswith(f"/#/experiments/{experiment}/runs/abc?workflowType=machine_learning")
+    assert view.ui_link(experiment, "abc").endswith(f"/#/experiments/{experiment}/runs/abc?workflowType=machine_learning")
     mlflow.set_tracking_uri("http://127.0.0.1:5999/")  # a team's server: its own address, nothing to start
-    assert tracking.ui_link("7").startswith("http://127.0.0.1:5999/#/experiments/7/runs?viewStateShareKey=pqsweep")
+    assert view.ui_link("7").startswith("http://127.0.0.1:5999/#/experiments/7/runs?viewStateShareKey=pqsweep")
+
+
+def test_a_single_objective_study_charts_accuracy_against_size_sorted_best_first():
+    state = view.state(["top1"])
+    (chart,) = state["compareRunCharts"]
+    assert (chart["xaxis"]["key"], chart["yaxis"]["key"]) == ("size_mb", "top1")
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`top1`", False)
 
 
 def test_the_experiment_option_a_run_composed_is_a_param(monkeypatch):

@@ -60,7 +60,9 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: 
 
 def log_model(model, example, run_name: str) -> None:
     """The compressed model as an MLflow model (mlflow.pytorch), with the signature and input example of one test
-    image: what the UI's Models column shows and "Register model" takes. It is stored as TorchScript, the one format
+    image: what the UI's Models column shows and "Register model" takes. In MLflow 3 it is a LoggedModel of the
+    trial's run, which takes the run's params and the metrics the run logged at step 0 (before or after it) as its
+    own, so the experiment's Models tab lists the study's models with them (test_tracking, test_ui). It is stored as TorchScript, the one format
     that holds every kind here (pqsweep.export); MLflow's default, torch.export, cannot trace torch.ao's int8
     modules, and a pickled torch.ao FX graph does not load back. mlflow.pyfunc.load_model runs it without pqsweep
     (a pt2e graph needs `import torch.ao.quantization.fx._decomposed` first)."""

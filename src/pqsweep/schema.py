@@ -81,6 +81,9 @@ class TrackingConfig:
     # Log the compressed model as an MLflow model (signature, input example): it fills the UI's Models column and
     # can be registered. Off by default: a sweep's trials each write a copy of their model.
     log_model: bool = record(False)
+    # MLflow's system metrics (CPU, memory, disk, network: `system/...`, sampled each second) in each trial's run.
+    # Needs psutil (pip install 'pqsweep[system]'). They describe the machine, not the result.
+    system_metrics: bool = record(False)
     timeout: float = record(5.0)  # s a tracking server has to answer the pre-run check before the command is refused
 
 

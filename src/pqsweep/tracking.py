@@ -23,20 +23,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep.metrics import VIEW
 from pqsweep.stores import absolute_uri, prepare_tracking_store, sqlite_file
+from pqsweep.view import share_view
 
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "PQSWEEP_PARENT_RUN_ID"
 resolve_uri = absolute_uri  # sqlite:///relative.db -> absolute, so every process of a sweep writes one store
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-
-# The runs table a study opens with: MLflow's own shared view (the experiment tag mlflow.sharedViewState.<key>, what
-# its Share button writes), opened by ui_link. MLflow 3.17 shows only Source, Models and Dataset until columns are
-# chosen by hand, and keeps that choice in the browser; a shared view holds it for everyone.
-VIEW_KEY = "pqsweep"
-
 
 def connect(cfg: DictConfig) -> str:
     """Point mlflow at the configured store, creating a fresh SQLite one first; returns its URI."""
@@ -71,34 +65,9 @@ def setup(cfg: DictConfig) -> str:
 def description(cfg: DictConfig) -> str:
     """The experiment's description, the experiments page's first words about it."""
     name = cfg.tracking.experiment
-    return (f"Runs: click Model training (top left) once. The pqsweep study {name}: its trials are nested under "
-            f"the run sweep-{name} (+ unfolds them); the link the sweep printed opens its columns, and "
-            f"`pqsweep-report {name}` prints its table.")
-
-
-def share_view(experiment_id: str, objectives: list[str] | tuple[str, ...] = (), swept: tuple[str, ...] = ()) -> None:
-    """Write the study's view: the objectives and top-1, size and latency first, then the swept params, the data set
-    and the logged model."""
-    metrics = list(dict.fromkeys([*VIEW[:1], *objectives, *VIEW[1:]]))
-    columns = ([f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in swept]
-               + ["attributes.`Dataset`", "attributes.`Models`"])
-    state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
-             "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-             "selectedColumns": columns}
-    MlflowClient().set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
-
-
-def ui_link(experiment_id: str, run_id: str | None = None) -> str:
-    """Where to look in the MLflow UI: the study's runs in its view, or one run. The model-training view is asked for
-    in the link: MLflow 3.17 opens every experiment in its GenAI view (its switch is global, kept by the browser,
-    and no longer reads the experiment's mlflow.experimentKind tag)."""
-    view = "workflowType=machine_learning"
-    page = f"runs/{run_id}?{view}" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&{view}"
-    path = f"#/experiments/{experiment_id}/{page}"
-    uri = mlflow.get_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{path}"
-    return f"run `mlflow ui --backend-store-uri {uri}` and open http://127.0.0.1:5000/{path}"
+    return (f"Runs: click Model training (top left) once. The pqsweep study {name}: the link the sweep printed opens "
+            f"its trials sorted by its first objective, their front tagged `pareto`, and a scatter of its objectives "
+            f"under Chart; `pqsweep-report {name}` prints its table.")
 
 
 def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags=None) -> None:
@@ -114,10 +83,12 @@ def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags
 
 
 @contextmanager
-def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None,
+             system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one task: the run the sweeper created for it (`run_id`), else a new one, the child of the
     sweep's parent run when there is one. An exception inside is recorded as the run's `error` tag (start_run marks
-    it FAILED); Ctrl-C and SIGTERM mark it KILLED, not a failure."""
+    it FAILED); Ctrl-C and SIGTERM mark it KILLED, not a failure. `system_metrics`: MLflow samples the machine each
+    second while the run is open (its default, every 10 s, would miss a short trial)."""
     if run_id is not None:
         client = MlflowClient()
         client.update_run(run_id, name=run_name)
@@ -126,7 +97,10 @@ def task_run(run_name: str, tags: dict[str, str], run_id: str | None = None) -> 
         start = functools.partial(mlflow.start_run, run_id=run_id)
     else:
         start = functools.partial(mlflow.start_run, run_name=run_name, parent_run_id=os.environ.get(PARENT_ENV))
-    with start(tags=tags) as active:
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+    with start(tags=tags, log_system_metrics=system_metrics) as active:
         try:
             yield active
         except KeyboardInterrupt:

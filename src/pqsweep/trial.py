@@ -19,7 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep import early_stop, identity, pipeline, records, tracking
+from pqsweep import early_stop, identity, pipeline, records, tracking, view
 from pqsweep.cache import store
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
         tags |= tracking.trial_tags(cfg.study.name, trial_number)
     name = records.run_name(cfg)
     config_yaml = OmegaConf.to_yaml(masked(cfg), resolve=True)
-    with tracking.task_run(name, tags, run_id=cfg.launch.run_id) as active:
+    with tracking.task_run(name, tags, run_id=cfg.launch.run_id, system_metrics=cfg.tracking.system_metrics) as active:
         run_id = active.info.run_id
         tracking.log_batch(MlflowClient(), run_id, params=records.params(cfg) | records.chosen_experiment())
         mlflow.log_text(config_yaml, "config.yaml")
@@ -63,7 +63,7 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
     log.info("run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
              run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"])
     if not launched and tracking.PARENT_ENV not in os.environ:  # a sweep's own line says where its trials are
-        log.info("in MLflow: %s", tracking.ui_link(active.info.experiment_id, run_id))
+        log.info("in MLflow: %s", view.ui_link(active.info.experiment_id, run_id))
     return result.metrics
 
 

@@ -235,9 +235,20 @@ def mlflow_store(uri: str) -> bool:
     return scheme in {point.name for point in entry_points(group="mlflow.tracking_store")}
 
 
+def importable(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
 def tracking(node) -> list[Check]:
     return [Check("uri", node.uri, mlflow_store(node.uri), MLFLOW_URIS),
-            Check("experiment", node.experiment, bool(node.experiment.strip()), "a non-empty experiment name")]
+            Check("experiment", node.experiment, bool(node.experiment.strip()), "a non-empty experiment name"),
+            # MLflow only warns without psutil, and the runs would hold no system metrics
+            Check("system_metrics", node.system_metrics, not node.system_metrics or importable("psutil"),
+                  "false, or true where psutil is installed (pip install 'pqsweep[system]')")]
 
 
 def study(node) -> list[Check]:

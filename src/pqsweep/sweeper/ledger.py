@@ -19,8 +19,12 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+<<<<<<< HEAD
 from pqsweep import identity, tracking
 from pqsweep.early_stop import STOPPED_ATTR, TOP1_ATTR
+=======
+from pqsweep import identity, tracking, view
+>>>>>>> ui
 from pqsweep.reports.pareto import Bound, constraint_values
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper.space import Space, StudyMismatch
@@ -92,7 +96,7 @@ class Ledger:
             parent = tracking.create_parent(experiment_id, name, parent_params, tags)
             study.set_user_attr(studies.TRACKING_ATTR, tracking.masked(uri))
             study.set_user_attr(studies.PARENT_ATTR, parent)
-        tracking.share_view(experiment_id, objectives, tuple(space.distributions))  # the runs table it opens with
+        view.share_view(experiment_id, objectives, tuple(space.distributions))  # the runs table it opens with
         study.set_user_attr(studies.READY_ATTR, True)
         return cls(study, storage, name, experiment_id, parent, objectives, bounds, shown, str(storage_url))
 
@@ -170,6 +174,14 @@ class Ledger:
 
     def tag(self, tags: dict[str, str]) -> None:
         tracking.set_tags(self.parent, tags)
+
+    def mark_front(self) -> None:
+        """Tag each complete trial's run as on the study's front or dominated, for the MLflow view (pqsweep.view)."""
+        front = {t.number for t in self.front()}
+        runs = {t.number: t.user_attrs.get(studies.RUN_ATTR)
+                for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        view.mark_front([r for n, r in runs.items() if r and n in front],
+                        [r for n, r in runs.items() if r and n not in front])
 
     def front(self) -> list[FrozenTrial]:
         """Optuna's best trials (the front), less those discarded."""

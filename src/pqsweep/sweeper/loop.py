@@ -28,7 +28,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from pqsweep import interrupts, tracking
+from pqsweep import interrupts, view
 from pqsweep.sweeper import space as spaces
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper import watch
@@ -299,7 +299,8 @@ class Loop:
                  f"{stopped} stopped early, " if stopped else "", len(failed), len(killed), self.plan())
         for number, status, reason in failed + killed:
             log.info("  trial %d %s: %s", number, status, reason)
-        log.info("study %s in MLflow: %s", self.ledger.name, tracking.ui_link(self.ledger.experiment_id))
+        self.ledger.mark_front()
+        log.info("study %s in MLflow: %s", self.ledger.name, view.ui_link(self.ledger.experiment_id))
         self.ledger.tag({"trials_finished": str(finished), "trials_failed": str(len(failed)),
                          "trials_killed": str(len(killed)), "trials_stopped": str(stopped)})
 
