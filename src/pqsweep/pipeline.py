@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pqsweep import measure
+from pqsweep import latency, measure
 from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
 from pqsweep.options import RETRAINED, Export, Order
@@ -49,6 +49,8 @@ class RunResult:
     data: dict[str, int] = field(default_factory=dict)  # split sizes and image shape (describe_data)
     model: nn.Module | None = None  # the model as deployed, kept only where tracking.log_model asks for it
     example: torch.Tensor | None = None  # one test input, beside `model`
+    tags: dict[str, str] = field(default_factory=dict)  # what ran each runtime's latency, or why none was measured
+    baseline_tags: dict[str, str] = field(default_factory=dict)  # the same for the baseline
 
 
 def describe_data(splits: DataSplits) -> dict[str, int]:
@@ -133,10 +135,21 @@ def rewound(cfg: DictConfig, stages: Stages, model: nn.Module, initial_state: di
     return stages.get("rewind", replay)["state_dict"]
 
 
-def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example) -> dict[str, float]:
-    """The baseline as deployed at fp32, measured once per baseline and measurement setting."""
-    return stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure),
-                      save=lambda metrics: {"metrics": metrics}, load=lambda entry: dict(entry["metrics"]))
+def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example,
+                     tags: dict[str, str] | None = None) -> dict[str, float]:
+    """The baseline as deployed at fp32, measured once per baseline and measurement setting; `tags` gets what ran
+    each runtime (kept in the entry beside the metrics: an entry from before measure.runtimes has none)."""
+    found: dict[str, str] = {}
+
+    def load(entry: dict) -> dict[str, float]:
+        found.update(entry.get("tags", {}))
+        return dict(entry["metrics"])
+
+    metrics = stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure, found),
+                         save=lambda metrics: {"metrics": metrics, "tags": dict(found)}, load=load)
+    if tags is not None:
+        tags.update(found)
+    return metrics
 
 
 def as_model(template: nn.Module, example: torch.Tensor):
@@ -217,8 +230,11 @@ def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float
         return measure.accuracy(model, loader, progress=bar)
 
 
-def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
-    """Every metric of a deployable model; MACs come from its float counterpart (quantized ops are not counted)."""
+def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg,
+                tags: dict[str, str] | None = None, tolerance: float = 1e-4) -> dict[str, float]:
+    """Every metric of a deployable model; MACs come from its float counterpart (quantized ops are not counted).
+    Latency in each of `mcfg.runtimes` (pqsweep.latency); `tags` gets what ran each, or why it could not, and
+    `tolerance` is how far (a share of the logit scale) a runtime's outputs may stray from eager's."""
     metrics = evaluate(deployed, loaders["test"], "evaluate")
     if not mcfg.top5:
         metrics.pop("top5")
@@ -226,6 +242,11 @@ def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: t
     metrics.update(measure.parameter_counts(deployed))
     metrics["macs"] = measure.macs(float_model, example)
     metrics.update(measure.latency(deployed, example, mcfg.threads, mcfg.warmup, mcfg.repeats))
+    elsewhere, found = latency.measure(deployed, example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
+                                       mcfg.repeats, tolerance)
+    metrics.update(elsewhere)
+    if tags is not None:
+        tags.update(found)
     return metrics
 
 
@@ -246,7 +267,8 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     model.load_state_dict(base.state)
     model.cpu().eval()
     example = next(iter(loaders["test"]))[0][:1]
-    reference = baseline_metrics(cfg, stages, model, loaders, example)
+    baseline_tags: dict[str, str] = {}
+    reference = baseline_metrics(cfg, stages, model, loaders, example, baseline_tags)
 
     # the teacher of train.distill: the baseline this run already holds, so distilling loads nothing more
     teacher = copy.deepcopy(model) if cfg.train.distill.enabled else None
@@ -254,7 +276,8 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
                   rewind=str(getattr(cfg.pruning.rewind, "value", cfg.pruning.rewind)),
                   rewind_epoch=int(cfg.pruning.rewind_epoch), rewind_state=rewind_state)
     deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
-    metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
+    tags: dict[str, str] = {}
+    metrics = measure_all(deployed, float_model, loaders, example, cfg.measure, tags, cfg.quantization.export_tolerance)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more
     metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
 
@@ -271,4 +294,4 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
     return RunResult(metrics, base, reference, dict(stages.cached), describe_data(splits),
-                     deployed if kept else None, example if kept else None)
+                     deployed if kept else None, example if kept else None, tags, baseline_tags)

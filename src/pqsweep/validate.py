@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
+from pqsweep.runtimes import EAGER, RUNTIMES, missing
 from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, GroupNormConfig, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
@@ -206,8 +207,18 @@ def train(node) -> list[Check]:
 
 
 def measure(node) -> list[Check]:
-    return [at_least("eval_batch_size", node.eval_batch_size, 1), at_least("threads", node.threads, 1),
-            at_least("warmup", node.warmup, 0), at_least("repeats", node.repeats, 2)]
+    names = list(node.runtimes)
+    known = bool(names) and all(name in RUNTIMES for name in names) and len(set(names)) == len(names)
+    checks = [at_least("eval_batch_size", node.eval_batch_size, 1), at_least("threads", node.threads, 1),
+              at_least("warmup", node.warmup, 0), at_least("repeats", node.repeats, 2),
+              Check("runtimes", names, known, f"a list of distinct names among {', '.join(RUNTIMES)}"),
+              Check("runtimes", names, EAGER in names, f"a list that holds {EAGER}, the runtime every other one "
+                    "is compared with (e.g. [eager, onnxruntime])")]
+    for name in names if known else []:  # what a runtime needs of this machine, found without importing it
+        absent = missing(name)
+        checks.append(Check("runtimes", names, absent is None, f"runtimes this machine can run: {name} needs "
+                            f"what is missing here ({absent}), or leave {name} out"))
+    return checks
 
 
 # The URI schemes MLflow builds a tracking store for (mlflow.tracking._tracking_service.utils registers them): a plain
