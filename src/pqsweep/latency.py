@@ -49,7 +49,7 @@ def _torchscript(model: nn.Module, example: torch.Tensor, threads: int, director
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor, threads: int, directory: Path) -> Prepared:
     if _sparse(model):  # both ONNX exporters refuse it ("Sparse CSR tensors do not have strides"); say so at once
-        raise Unavailable("ONNX cannot hold sparse CSR weights")
+        raise Unavailable("no sparse CSR in ONNX")
     import onnxruntime
 
     with torch.no_grad(), export.quiet():
@@ -70,11 +70,23 @@ def _compile(model: nn.Module, example: torch.Tensor, threads: int, directory: P
     # Dynamo keys its compiled code by the forward's code object: every trial's model shares it, and past its
     # recompile limit (8) it would silently run eager. Each measurement starts from an empty cache instead.
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found": CPU here
-    compiled = torch.compile(model, backend="inductor", fullgraph=False)
-    with torch.no_grad():
-        compiled(example)  # compiles now: its failure is this runtime's, and its time is not the model's latency
-    return compiled, example, f"torch {torch.__version__} torch.compile (inductor, CPU)"
+    # Dynamo warns once per torch.ao quantized op it cannot trace ("quantized nyi in meta tensors") and runs that
+    # part eager: the tag says how many such breaks the measured graph has, so the warning is not needed.
+    dynamo_log = logging.getLogger("torch._dynamo")
+    level, before = dynamo_log.level, sum(counters["graph_break"].values())
+    dynamo_log.setLevel(logging.ERROR)
+    try:
+        compiled = torch.compile(model, backend="inductor", fullgraph=False)
+        with torch.no_grad():
+            compiled(example)  # compiles now: its failure is this runtime's, and its time is not the model's latency
+    finally:
+        dynamo_log.setLevel(level)
+    breaks = sum(counters["graph_break"].values()) - before
+    eager_parts = f", {breaks} graph break(s): those parts run eager" if breaks else ""
+    return compiled, example, f"torch {torch.__version__} torch.compile (inductor, CPU{eager_parts})"
 
 
 PREPARE: dict[str, Callable[..., Prepared]] = {"torchscript": _torchscript, "onnxruntime": _onnxruntime,

@@ -58,7 +58,7 @@ def missing(runtime: str) -> str | None:
     """What this machine lacks to run `runtime` (one phrase), or None where it has it all."""
     absent = [p for p in PACKAGES.get(runtime, ()) if not _importable(p)]
     if absent:
-        return f"{', '.join(absent)} not installed (pip install {' '.join(absent)})"
+        return f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed (pip install {' '.join(absent)})"
     if runtime == "compile" and _compiler() is None:
         return "no C++ compiler on the PATH for TorchInductor (install g++, or set CXX)"
     return None

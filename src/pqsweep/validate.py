@@ -216,8 +216,8 @@ def measure(node) -> list[Check]:
                     "is compared with (e.g. [eager, onnxruntime])")]
     for name in names if known else []:  # what a runtime needs of this machine, found without importing it
         absent = missing(name)
-        checks.append(Check("runtimes", names, absent is None, f"runtimes this machine can run: {name} needs "
-                            f"what is missing here ({absent}), or leave {name} out"))
+        checks.append(Check("runtimes", names, absent is None, f"runtimes this machine can run ({name}: {absent}), "
+                            f"or leave {name} out"))
     return checks
 
 
