@@ -15,6 +15,7 @@ are absent and its tag says why ("n/a: <reason>"). What is timed is the runtime'
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -122,6 +123,8 @@ def short(error: BaseException) -> str:
     """One line, at most REASON_CHARS: the innermost cause, as export reports it."""
     text = str(error) if isinstance(error, Unavailable) else export.reason(error)
     text = " ".join(text.split())
+    # torch.onnx's legacy exporter: "SymbolicValueError: Unsupported: ONNX export of operator X, ..." -> its gist
+    text = re.sub(r"^\w+: Unsupported: ONNX export of operator (\w+).*", r"no ONNX export of \1: \g<0>", text)
     return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 3] + "..."
 
 

@@ -64,13 +64,13 @@ def runtime_tables(sweeps: list[Sweep], rows: list[Row], objectives) -> dict[str
             continue
         header, body = speedups.table([(run.info.run_name, run.data.metrics, run.data.tags) for run in front],
                                       base.metrics, base.tags)
-        title = (f"speed where it runs, front of {sweep.name}: baseline p50 / point p50 in the same runtime at batch "
-                 "1; MACs x = baseline MACs / point MACs")
+        title = (f"speed where it runs, front of {sweep.name}: speed-up = baseline p50 / point p50 in the same "
+                 "runtime at batch 1;\n  MACs x = baseline MACs / point MACs (work, not time)")
         if any(o.name == "latency_ms_p50" for o in objectives):
             trials = [run.data.metrics for run in sweep.trials if run.info.status == "FINISHED"]
             stays = [f"{r} {'/'.join(map(str, speedups.kept(trials, objectives, r)))}"
                      for r in speedups.measured([run.data.tags for run in sweep.trials])]
-            title += f"; front points that stay on the front with latency from: {', '.join(stays)}"
+            title += f"\n  front points still on the front with latency from: {', '.join(stays)}"
         tables[f"runtimes-{sweep.name}"] = (title, header, body)
     for title, header, body in tables.values():
         print(title)

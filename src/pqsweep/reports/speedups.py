@@ -20,7 +20,7 @@ from typing import Mapping
 from pqsweep.reports import pareto
 from pqsweep.runtimes import EAGER, EXTRA, NOT_AVAILABLE, RUNTIMES, p50, tag
 
-CELL_REASON = 36  # characters of a reason a cell shows; the whole one is the run's tag
+CELL_REASON = 40  # characters of a reason a cell shows; the whole one is the run's tag
 # A reversal is told only where both speed-ups are more than this away from 1.0: the p50 of one model moves by about
 # 5 % between measurements on the shared 2-core machine (MeasureConfig's comment; benchmarks/speed.py stability).
 NOISE = 0.05
