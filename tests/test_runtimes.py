@@ -148,6 +148,8 @@ def test_kept_counts_front_points_that_stay_non_dominated_with_another_runtimes_
 def test_eager_alone_is_the_default_and_keeps_every_stage_key_while_another_runtime_changes_only_the_measured():
     default = identity.stage_keys(compose_cfg())
     assert list(compose_cfg().measure.runtimes) == ["eager"]
+    (leaf,) = [leaf for leaf in identity.leaves(compose_cfg()) if leaf.path == ("measure", "runtimes")]
+    assert identity.at_default(leaf)  # added=True: at its default it enters no key (tests/data/stage_keys_*.json)
     assert identity.stage_keys(compose_cfg("measure.runtimes=[eager]")) == default
     more = identity.stage_keys(compose_cfg("measure.runtimes=[eager,onnxruntime]"))
     changed = {stage for stage in default if default[stage] != more[stage]}
