@@ -111,6 +111,9 @@ BAD = {
     "an unknown runtime": ("measure.runtimes=[eager,tensorrt]", "measure.runtimes"),
     "runtimes without eager": ("measure.runtimes=[onnxruntime]", "measure.runtimes"),
     "a runtime named twice": ("measure.runtimes=[eager,compile,compile]", "measure.runtimes"),
+    "an objective in a runtime not measured": ("study.objectives=[top1,latency_ms_p50_onnxruntime]",
+                                               "study.objectives"),
+    "a constraint in a runtime not measured": ("study.constraints=['latency_ms_p90_compile<=1']", "study.constraints"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),
@@ -200,6 +203,7 @@ def test_the_messages_say_what_is_allowed(roots):
     "train.optimizer._target_=torch.optim.SGD",
     "train.scheduler={_target_:torch.optim.lr_scheduler.StepLR,step_size:1}",
     "measure.runtimes=[eager,torchscript,onnxruntime,compile]",  # onnxruntime and a C++ compiler are on this machine
+    "measure.runtimes=[eager,onnxruntime] study.objectives=[top1,latency_ms_p50_onnxruntime]",
 ])
 def test_check_accepts_good_input_of_the_same_kinds(roots, line):
     assert check(arguments(line, roots)) is None

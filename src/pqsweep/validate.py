@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import OBJECTIVES
-from pqsweep.runtimes import EAGER, RUNTIMES, missing
+from pqsweep.runtimes import EAGER, EXTRA, RUNTIMES, missing
 from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, GroupNormConfig, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
@@ -340,6 +340,19 @@ def recovery(cfg: DictConfig) -> list[Check]:
     return checks
 
 
+def runtime_goals(cfg: DictConfig) -> list[Check]:
+    """An objective or constraint on a runtime's latency needs that runtime measured: else no trial has the value."""
+    checks = []
+    for key, goals in (("study.objectives", list(cfg.study.objectives)),
+                       ("study.constraints", list(cfg.study.constraints))):
+        for runtime in EXTRA:
+            named = [g for g in goals if re.search(rf"\blatency_ms_p\d0_{runtime}\b", str(g))]
+            if named:
+                checks.append(Check(key, goals, runtime in cfg.measure.runtimes, f"metrics that are measured: "
+                                    f"{named[0]} needs {runtime} in measure.runtimes (e.g. [eager,{runtime}])"))
+    return checks
+
+
 def validate(cfg: DictConfig) -> None:
     """Every group's own checks, then the rules between groups. Raises ConfigError before any data is loaded."""
     checks = []
@@ -363,6 +376,7 @@ def validate(cfg: DictConfig) -> None:
         checks.append(Check("pruning", p.name, p.zeroes_weights, f"an option that leaves zeros among the weights (its "
                             f"option file says zeroes_weights: true) with quantization={q.name}, which stores them"))
     checks += recovery(cfg)
+    checks += runtime_goals(cfg)
     if cfg.export != Export.none:
         backend = option_value(q.get("backend", "")) if "backend" in q else ""
         formats = [e.partition("@")[0] for e in q.exports if e.partition("@")[2] in ("", backend)]
