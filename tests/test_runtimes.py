@@ -15,13 +15,13 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from pqsweep import identity, latency, trial
+from pqsweep import identity, latency, pipeline, trial
 from pqsweep.reports import report, speedups
 from pqsweep.reports.pareto import Objective
 from pqsweep.runtimes import EXTRA, NOT_AVAILABLE, p50, p90, tag
 from pqsweep.stores import absolute_uri
 
-from nets import compose_cfg, experiment_ids, small_cnn
+from nets import compose_cfg, experiment_ids, loader, small_cnn
 
 ALL_BUT_COMPILE = "measure.runtimes=[eager,torchscript,onnxruntime]"  # compile: a slow test of its own
 
@@ -65,6 +65,17 @@ def test_a_csr_sparse_model_finishes_without_its_onnxruntime_latency_and_the_rep
     cells = dict(zip(header, row))
     assert cells["onnxruntime x"] == "n/a: no sparse CSR in ONNX"
     assert cells["torchscript x"].endswith("x") and cells["MACs x"] == "1.00x"  # dense MACs: zeros still count
+
+
+def test_the_baseline_keeps_what_ran_each_runtime_in_its_cache_entry(make_cfg, digits):
+    cfg = make_cfg("measure.runtimes=[eager,torchscript]")
+    model, loaders, example = small_cnn(), {"test": loader(digits.test)}, digits.test[0][0][None]
+    measured, loaded = {}, {}
+    first = pipeline.baseline_metrics(cfg, pipeline.stages_of(cfg), model, loaders, example, measured)
+    stages = pipeline.stages_of(cfg)
+    again = pipeline.baseline_metrics(cfg, stages, model, loaders, example, loaded)
+    assert stages.cached["baseline_metrics"] and again == first and p50("torchscript") in again
+    assert loaded == measured and loaded[tag("torchscript")].endswith("torch.jit.trace")
 
 
 def test_a_runtime_whose_outputs_differ_from_eager_is_not_timed():
