@@ -23,7 +23,7 @@ BENCH_ARGS_methods := --csv results/methods_cnn_mnist5k.csv
 BENCH_ARGS_speed := --quick
 # search_vs_grid.py's full 96-point grid and 3 x 2 searches took 6-9 min here; --quick (32 points, 10 trials), ~2.5
 BENCH_ARGS_search_vs_grid := --quick
-# runtimes.py's 17 points in 4 runtimes took ~11 min here under load; --quick (11 points, 1 epoch, 20 repeats), ~7
+# runtimes.py's 17 points in 4 runtimes took 7 min here at a load average of 9-12; --quick: 11 points, 1 epoch, 20 repeats
 BENCH_ARGS_runtimes := --quick
 
 help: ## list the targets

@@ -1,15 +1,15 @@
 """Speed where it runs: a small study measured in every runtime (`measure.runtimes`), and what its front's speed-ups
 become outside eager PyTorch.
 
-    .venv/bin/python benchmarks/runtimes.py            # cnn on mnist5k, 17 points x 4 runtimes, ~11 min here
-    .venv/bin/python benchmarks/runtimes.py --quick    # 11 points, 20 repeats, 1 epoch: ~7 min under load
+    .venv/bin/python benchmarks/runtimes.py            # cnn on mnist5k, 17 points x 4 runtimes: 425 s here
+    .venv/bin/python benchmarks/runtimes.py --quick    # 11 points, 1 epoch, 20 repeats: 420 s beside a test run
 
 Two grid sweeps, each in a fresh directory of its own (MLflow store, cache, so each trains and measures its own
 baseline, the same weights: same seed and data), at one torch thread (see timed_sweep.py) and `measure.runtimes=[eager,torchscript,onnxruntime,compile]`:
 - pruning=global_magnitude at amounts 0.7, 0.95 (--quick: 0.95) x quantization none | fp16 | static_int8 |
   dynamic_int8 | fake_quant | sparse (CSR storage: it needs the zeros unstructured pruning leaves);
 - pruning=l1_filter (whole filters removed: fewer MACs) at 0.5 x the same quantizations but sparse.
-Sized for the shared 2-core machine: 28 points at 200 repeats took over 15 min there under load.
+Sized for the shared 2-core machine (load average 9-12 while it ran): 17 points at 100 repeats took 7 min.
 Each trial's latency is batch-1 p50 over measure.repeats calls in each runtime; each speed-up is its sweep's baseline
 p50 in that runtime (measured in the same process, the baseline_metrics stage) / the trial's: ratios measured in
 one run, never across runs. The front is over (top1 max, size_mb min, latency_ms_p50 min) with eager latency; a
