@@ -23,6 +23,8 @@ BENCH_ARGS_methods := --csv results/methods_cnn_mnist5k.csv
 BENCH_ARGS_speed := --quick
 # search_vs_grid.py's full 96-point grid and 3 x 2 searches took 6-9 min here; --quick (32 points, 10 trials), ~2.5
 BENCH_ARGS_search_vs_grid := --quick
+# runtimes.py's 17 points in 4 runtimes took 7 min here at a load average of 9-12; --quick: 11 points, 1 epoch, 20 repeats
+BENCH_ARGS_runtimes := --quick
 
 help: ## list the targets
 	@grep -E '^[a-z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'

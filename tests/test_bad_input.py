@@ -107,6 +107,13 @@ BAD = {
     "group-norm regulariser of 0": ("pruning=group_norm pruning.reg=0", "pruning.reg"),
     "a feature term after removing channels": ("pruning=l1_filter train.distill.enabled=true train.distill.feature=1",
                                                "train.distill.feature"),
+    # where latency is measured (measure.runtimes); a runtime whose package is missing: tests/test_runtimes.py
+    "an unknown runtime": ("measure.runtimes=[eager,tensorrt]", "measure.runtimes"),
+    "runtimes without eager": ("measure.runtimes=[onnxruntime]", "measure.runtimes"),
+    "a runtime named twice": ("measure.runtimes=[eager,compile,compile]", "measure.runtimes"),
+    "an objective in a runtime not measured": ("study.objectives=[top1,latency_ms_p50_onnxruntime]",
+                                               "study.objectives"),
+    "a constraint in a runtime not measured": ("study.constraints=['latency_ms_p90_compile<=1']", "study.constraints"),
     # Hydra's own groups
     "unknown sampler": (f"{SWEEP} hydra/sweeper/sampler=nope", "hydra/sweeper/sampler"),
     "unknown launcher": ("hydra/launcher=nope", "hydra/launcher"),
@@ -195,6 +202,8 @@ def test_the_messages_say_what_is_allowed(roots):
     "hydra/launcher=joblib",
     "train.optimizer._target_=torch.optim.SGD",
     "train.scheduler={_target_:torch.optim.lr_scheduler.StepLR,step_size:1}",
+    "measure.runtimes=[eager,torchscript,onnxruntime,compile]",  # onnxruntime and a C++ compiler are on this machine
+    "measure.runtimes=[eager,onnxruntime] study.objectives=[top1,latency_ms_p50_onnxruntime]",
 ])
 def test_check_accepts_good_input_of_the_same_kinds(roots, line):
     assert check(arguments(line, roots)) is None

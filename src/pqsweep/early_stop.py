@@ -116,6 +116,7 @@ class Monitor:
     curve: list[float] = field(default_factory=list)
     costs: dict[str, float] | None = None
     quantizing: bool = False  # past the prune stage: its epochs are the quantization's
+    unpriced: bool = False  # a cost objective it has no value for (its runtime cannot run it)
 
     def trial(self):
         from pqsweep.sweeper.study import live
@@ -124,8 +125,11 @@ class Monitor:
 
     def price(self, model: nn.Module) -> None:
         """The trial's cost objectives, once, from its float model as pruned (before any fine-tuning)."""
-        if self.costs is None:
+        if self.costs is None and not self.unpriced:
             measured = self.measure(model)
+            if any(n not in measured for n in self.objectives if n not in QUALITY):
+                self.unpriced = True  # a runtime that cannot run it: no cost, so it is never stopped
+                return
             self.costs = {n: float(measured[n]) for n in self.objectives if n not in QUALITY}
             self.trial().set_user_attr(COST_ATTR, self.costs)
 

@@ -56,11 +56,11 @@ def export(model: nn.Module, example: torch.Tensor, fmt: str, directory: str | P
     directory.mkdir(parents=True, exist_ok=True)
     example = example.detach().cpu().float()
     try:
-        with torch.no_grad(), _quiet():
+        with torch.no_grad(), quiet():
             reloaded = _WRITERS[fmt](model, example, directory)
             diff, scale = _compare(model, reloaded, example)
     except Exception as error:
-        raise ExportError(f"export={fmt} failed for quantization={quantization.name}: {_reason(error)}; "
+        raise ExportError(f"export={fmt} failed for quantization={quantization.name}: {reason(error)}; "
                           f"use export={other}") from error
     tolerance = float(quantization.export_tolerance)
     if diff > tolerance * scale:
@@ -88,11 +88,9 @@ def _compare(model: nn.Module, reloaded: Runner, example: torch.Tensor) -> tuple
     return diff, scale
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
-    import onnx
-    import onnxruntime
-
-    path = directory / "model.onnx"
+def onnx_file(model: nn.Module, example: torch.Tensor, directory: Path) -> Path:
+    """`directory/model.onnx`, written by the exporter that can (see the module doc); pqsweep.latency runs it too."""
+    path = Path(directory) / "model.onnx"
     # One self-contained file (the exporter would put the weights in model.onnx.data); every model here is < 2 GB.
     names = {"input_names": ["input"], "output_names": ["logits"], "external_data": False, "verbose": False}
     graph = _writable(model)
@@ -106,6 +104,14 @@ def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
         # TorchScript-based exporter has int8 rules for them. Its failure (if any) is the one reported.
         with _stdout_to_devnull():  # it prints the whole TorchScript graph when it fails
             torch.onnx.export(graph, (example,), path, dynamo=False, dynamic_axes={"input": {0: "batch"}}, **names)
+    return path
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
+    import onnx
+    import onnxruntime
+
+    path = onnx_file(model, example, directory)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     dynamic = bool(onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param)
 
@@ -119,7 +125,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, directory: Path) -> Runner:
 
 def traced(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """The model as TorchScript, the format that holds every kind here (see the module doc)."""
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         return torch.jit.trace(_writable(model), example.detach().cpu().float())
 
 
@@ -171,7 +177,7 @@ def _stdout_to_devnull():
         os.close(saved)
 
 
-def _reason(error: BaseException) -> str:
+def reason(error: BaseException) -> str:
     """The first line of the innermost cause: exporters wrap the message that says what went wrong."""
     while error.__cause__ is not None:
         error = error.__cause__
@@ -181,7 +187,7 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first if len(first) <= 300 else first[:297] + '...'}"
 
 
-class _quiet(warnings.catch_warnings):
+class quiet(warnings.catch_warnings):
     """Warnings that say nothing about this export: we check the reloaded file's outputs instead."""
 
     def __enter__(self):

@@ -26,7 +26,8 @@ statistics, quantization scales and zero points) is neither. A weight is zero wh
 - macs: multiply-accumulates of one batch-1 forward pass of the float network in its Conv2d and Linear layers,
   the count torch's FlopCounterMode gives (dense: unstructured zeros are still computed).
 - latency_ms_p50 / p90: batch-1 CPU forward passes after warm-up, timed one call at a time with
-  torch.utils.benchmark at a fixed thread count.
+  torch.utils.benchmark at a fixed thread count, in eager PyTorch; the same in TorchScript, onnxruntime or
+  torch.compile (latency_ms_p50_<runtime>, `measure.runtimes`) is pqsweep.latency's.
 """
 
 from __future__ import annotations

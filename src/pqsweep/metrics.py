@@ -8,6 +8,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
+from pqsweep.runtimes import EXTRA, p50, p90, tag
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -61,6 +63,11 @@ TABLE = (
     Metric("latency_ms_p90", "minimize", "ms", "p90 ms", "{:.3f}", False, "their 90th percentile."),
     Metric("latency_threads", None, "", "latency_threads", "{:.4g}", False,
            "the threads the latency was measured at: a setting recorded beside it."),
+    *(metric for runtime in EXTRA for metric in (
+        Metric(p50(runtime), "minimize", "ms", f"p50 ms {runtime}", "{:.3f}", False,
+               f"`latency_ms_p50` measured in {runtime} (`measure.runtimes`; pqsweep.runtimes says how), absent where "
+               f"{runtime} cannot run the model: the run's tag `{tag(runtime)}` says why, or what ran it."),
+        Metric(p90(runtime), "minimize", "ms", f"p90 ms {runtime}", "{:.3f}", False, "their 90th percentile."))),
     Metric("export_max_abs_diff", "minimize", "", "export_max_abs_diff", "{:.4g}", False,
            "with `export`: max |exported - eager| logit on the example and a batch of four."),
 )

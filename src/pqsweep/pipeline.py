@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pqsweep import early_stop, measure
+from pqsweep import early_stop, latency, measure
 from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
 from pqsweep.options import RETRAINED, Export, Order
@@ -49,6 +49,8 @@ class RunResult:
     data: dict[str, int] = field(default_factory=dict)  # split sizes and image shape (describe_data)
     model: nn.Module | None = None  # the model as deployed, kept only where tracking.log_model asks for it
     example: torch.Tensor | None = None  # one test input, beside `model`
+    tags: dict[str, str] = field(default_factory=dict)  # what ran each runtime's latency, or why none was measured
+    baseline_tags: dict[str, str] = field(default_factory=dict)  # the same for the baseline
     # fine-tune epochs this process ran (0 where its stages were loaded): a fact of the work, like stages_cached,
     # not a result, so a tag (finetune_epochs_run) and not a metric
     epochs_run: int = 0
@@ -136,10 +138,21 @@ def rewound(cfg: DictConfig, stages: Stages, model: nn.Module, initial_state: di
     return stages.get("rewind", replay)["state_dict"]
 
 
-def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example) -> dict[str, float]:
-    """The baseline as deployed at fp32, measured once per baseline and measurement setting."""
-    return stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure),
-                      save=lambda metrics: {"metrics": metrics}, load=lambda entry: dict(entry["metrics"]))
+def baseline_metrics(cfg: DictConfig, stages: Stages, model: nn.Module, loaders, example,
+                     tags: dict[str, str] | None = None) -> dict[str, float]:
+    """The baseline as deployed at fp32, measured once per baseline and measurement setting; `tags` gets what ran
+    each runtime (kept in the entry beside the metrics: an entry from before measure.runtimes has none)."""
+    found: dict[str, str] = {}
+
+    def load(entry: dict) -> dict[str, float]:
+        found.update(entry.get("tags", {}))
+        return dict(entry["metrics"])
+
+    metrics = stages.get("baseline_metrics", lambda: measure_all(model, model, loaders, example, cfg.measure, found),
+                         save=lambda metrics: {"metrics": metrics, "tags": dict(found)}, load=load)
+    if tags is not None:
+        tags.update(found)
+    return metrics
 
 
 def as_model(template: nn.Module, example: torch.Tensor):
@@ -236,15 +249,20 @@ def costs(cfg: DictConfig, float_model: nn.Module, ctx: Context, reference: dict
     metrics.update(measure.sizes(deployed))
     metrics.update(measure.parameter_counts(deployed))
     metrics["macs"] = measure.macs(float_model, ctx.example)
-    if any(name.startswith("latency") for name in cfg.study.objectives):
+    if any(name.startswith("latency") for name in cfg.study.objectives):  # in every runtime one may be an objective
         metrics.update(measure.latency(deployed, ctx.example, mcfg.threads, mcfg.warmup, mcfg.repeats))
+        metrics.update(latency.measure(deployed, ctx.example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
+                                       mcfg.repeats, cfg.quantization.export_tolerance)[0])
     metrics["reduction_factor"] = reference["size_mb"] / metrics["size_mb"]
     metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
     return metrics
 
 
-def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg) -> dict[str, float]:
-    """Every metric of a deployable model; MACs come from its float counterpart (quantized ops are not counted)."""
+def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg,
+                tags: dict[str, str] | None = None, tolerance: float = 1e-4) -> dict[str, float]:
+    """Every metric of a deployable model; MACs come from its float counterpart (quantized ops are not counted).
+    Latency in each of `mcfg.runtimes` (pqsweep.latency); `tags` gets what ran each, or why it could not, and
+    `tolerance` is how far (a share of the logit scale) a runtime's outputs may stray from eager's."""
     metrics = evaluate(deployed, loaders["test"], "evaluate")
     if not mcfg.top5:
         metrics.pop("top5")
@@ -252,6 +270,11 @@ def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: t
     metrics.update(measure.parameter_counts(deployed))
     metrics["macs"] = measure.macs(float_model, example)
     metrics.update(measure.latency(deployed, example, mcfg.threads, mcfg.warmup, mcfg.repeats))
+    elsewhere, found = latency.measure(deployed, example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
+                                       mcfg.repeats, tolerance)
+    metrics.update(elsewhere)
+    if tags is not None:
+        tags.update(found)
     return metrics
 
 
@@ -272,7 +295,8 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     model.load_state_dict(base.state)
     model.cpu().eval()
     example = next(iter(loaders["test"]))[0][:1]
-    reference = baseline_metrics(cfg, stages, model, loaders, example)
+    baseline_tags: dict[str, str] = {}
+    reference = baseline_metrics(cfg, stages, model, loaders, example, baseline_tags)
 
     # the teacher of train.distill: the baseline this run already holds, so distilling loads nothing more
     teacher = copy.deepcopy(model) if cfg.train.distill.enabled else None
@@ -281,7 +305,8 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
                   rewind_epoch=int(cfg.pruning.rewind_epoch), rewind_state=rewind_state)
     ctx.monitor = early_stop.monitor(cfg, ctx, reference["top1"], lambda m: costs(cfg, m, ctx, reference))
     deployed, float_model = compress(cfg, stages, copy.deepcopy(model), ctx)
-    metrics = measure_all(deployed, float_model, loaders, example, cfg.measure)
+    tags: dict[str, str] = {}
+    metrics = measure_all(deployed, float_model, loaders, example, cfg.measure, tags, cfg.quantization.export_tolerance)
     trainable = trainable_parameters(float_model, cfg.train.trainable)  # int8 weights train no more
     metrics["params_trainable"] = float(sum(p.numel() for _, p in trainable))
 
@@ -298,4 +323,4 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
     return RunResult(metrics, base, reference, dict(stages.cached), describe_data(splits),
-                     deployed if kept else None, example if kept else None, ctx.epochs_run)
+                     deployed if kept else None, example if kept else None, tags, baseline_tags, ctx.epochs_run)

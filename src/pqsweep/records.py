@@ -37,10 +37,11 @@ def find_baseline_run(client: MlflowClient, experiment_id: str, key: str) -> str
 
 
 def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: list[float], config_yaml: str,
-                 experiment_id: str) -> str:
+                 experiment_id: str, tags: dict[str, str] | None = None) -> str:
     """Log the baseline once per experiment (also when it came from the cache); returns its run id.
 
-    `history` is the mean training loss per epoch, logged as the `train_loss` series.
+    `history` is the mean training loss per epoch, logged as the `train_loss` series; `tags` (what ran each
+    runtime's latency, pqsweep.latency) become run tags.
     """
     client = MlflowClient()
     existing = find_baseline_run(client, experiment_id, key)
@@ -49,7 +50,7 @@ def log_baseline(cfg: DictConfig, key: str, metrics: dict[str, float], history: 
     run = client.create_run(
         experiment_id,
         run_name=f"baseline-{cfg.model.name}-{cfg.dataset.name}-{key[:8]}",
-        tags={"stage": "baseline", "baseline_hash": key, "sweep": cfg.study.name},
+        tags={**(tags or {}), "stage": "baseline", "baseline_hash": key, "sweep": cfg.study.name},
     )
     log_batch(client, run.info.run_id, params=params(cfg, "baseline"), metrics=metrics)
     client.log_batch(run.info.run_id, metrics=[Metric("train_loss", loss, 0, epoch) for epoch, loss in enumerate(history)])

@@ -70,6 +70,9 @@ class MeasureConfig:
     warmup: int = shapes("baseline_metrics", "trial", default=20)  # untimed calls before timing
     repeats: int = shapes("baseline_metrics", "trial", default=200)  # timed batch-1 calls; p50/p90 over these
     top5: bool = shapes("baseline_metrics", "trial", default=True)
+    # where latency is measured, each at batch 1 with the threads, warmup and repeats above: eager (always, the
+    # reference), torchscript, onnxruntime, compile (pqsweep.runtimes); each but eager logs latency_ms_p50_<runtime>
+    runtimes: List[str] = shapes("baseline_metrics", "trial", factory=lambda: ["eager"], added=True)
 
 
 @dataclass

@@ -53,12 +53,13 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
         mlflow.set_tags({f"{stage}_cached": str(hit).lower() for stage, hit in result.stages_cached.items()} |
                         {"finetune_epochs_run": str(result.epochs_run)})
         mlflow.log_metrics(result.metrics)
+        mlflow.set_tags(result.tags)  # what ran each runtime's latency, or why it could not (pqsweep.latency)
         if result.model is not None:
             records.log_model(result.model, result.example, name)
     with store(cfg, "baseline").lock(result.baseline.key):  # parallel trials of one sweep log the baseline once
         # beside the trial: a study resumed from a store of before one experiment per study keeps its first one
         records.log_baseline(cfg, result.baseline.key, result.baseline_metrics, result.baseline.history, config_yaml,
-                             active.info.experiment_id)
+                             active.info.experiment_id, result.baseline_tags)
     m = result.metrics
     log.info("run %s: top1 %.2f%% (delta %+.2f), size %.4f MB (gzip %.4f), sparsity %.3f, latency p50 %.3f ms",
              run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"])

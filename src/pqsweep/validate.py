@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pqsweep import datafiles
 from pqsweep.checks import FRACTION, Check, at_least, instantiable, refuse_first
 from pqsweep.metrics import CURVED, OBJECTIVES, UNCURVED
+from pqsweep.runtimes import EAGER, EXTRA, RUNTIMES, missing
 from pqsweep.options import (GRADIENT_CRITERIA, RETRAINED, Backend, GroupNormConfig, DatasetConfig, Export, FakeDatasetConfig, FakeQuantConfig, Importance,
                              Int8Config, IterativeConfig, L1FilterConfig, MixedConfig, Rounding, ModelConfig, Order, PruningConfig, QATConfig, QuantizationConfig, Scope,
                              StructuredUnstructuredConfig)
@@ -206,8 +207,18 @@ def train(node) -> list[Check]:
 
 
 def measure(node) -> list[Check]:
-    return [at_least("eval_batch_size", node.eval_batch_size, 1), at_least("threads", node.threads, 1),
-            at_least("warmup", node.warmup, 0), at_least("repeats", node.repeats, 2)]
+    names = list(node.runtimes)
+    known = bool(names) and all(name in RUNTIMES for name in names) and len(set(names)) == len(names)
+    checks = [at_least("eval_batch_size", node.eval_batch_size, 1), at_least("threads", node.threads, 1),
+              at_least("warmup", node.warmup, 0), at_least("repeats", node.repeats, 2),
+              Check("runtimes", names, known, f"a list of distinct names among {', '.join(RUNTIMES)}"),
+              Check("runtimes", names, EAGER in names, f"a list that holds {EAGER}, the runtime every other one "
+                    "is compared with (e.g. [eager, onnxruntime])")]
+    for name in names if known else []:  # what a runtime needs of this machine, found without importing it
+        absent = missing(name)
+        checks.append(Check("runtimes", names, absent is None, f"runtimes this machine can run ({name}: {absent}), "
+                            f"or leave {name} out"))
+    return checks
 
 
 # The URI schemes MLflow builds a tracking store for (mlflow.tracking._tracking_service.utils registers them): a plain
@@ -346,6 +357,19 @@ def recovery(cfg: DictConfig) -> list[Check]:
     return checks
 
 
+def runtime_goals(cfg: DictConfig) -> list[Check]:
+    """An objective or constraint on a runtime's latency needs that runtime measured: else no trial has the value."""
+    checks = []
+    for key, goals in (("study.objectives", list(cfg.study.objectives)),
+                       ("study.constraints", list(cfg.study.constraints))):
+        for runtime in EXTRA:
+            named = [g for g in goals if re.search(rf"\blatency_ms_p\d0_{runtime}\b", str(g))]
+            if named:
+                checks.append(Check(key, goals, runtime in cfg.measure.runtimes, f"metrics that are measured: "
+                                    f"{named[0]} needs {runtime} in measure.runtimes (e.g. [eager,{runtime}])"))
+    return checks
+
+
 def validate(cfg: DictConfig) -> None:
     """Every group's own checks, then the rules between groups. Raises ConfigError before any data is loaded."""
     checks = []
@@ -369,6 +393,7 @@ def validate(cfg: DictConfig) -> None:
         checks.append(Check("pruning", p.name, p.zeroes_weights, f"an option that leaves zeros among the weights (its "
                             f"option file says zeroes_weights: true) with quantization={q.name}, which stores them"))
     checks += recovery(cfg)
+    checks += runtime_goals(cfg)
     if cfg.export != Export.none:
         backend = option_value(q.get("backend", "")) if "backend" in q else ""
         formats = [e.partition("@")[0] for e in q.exports if e.partition("@")[2] in ("", backend)]

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pqsweep.reports import pareto, seeds
+from pqsweep.reports import pareto, seeds, speedups
 from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
@@ -47,6 +47,31 @@ def seed_tables(args, rows: list[Row], swept: list[str], objectives) -> dict[str
         tables[f"compare-{i + 1}"] = (f"{factor}: {name} paired by seed, each option against "
                                       f"{(wanted or seeds.levels(rows, factor)[0]).split(',')[0]}; real where the 95 % "
                                       "CI excludes 0", header, body)
+    for title, header, body in tables.values():
+        print(title)
+        print(render(header, body))
+    return tables
+
+
+def runtime_tables(sweeps: list[Sweep], rows: list[Row], objectives) -> dict[str, tuple[str, list, list[list]]]:
+    """Where a sweep measured latency in runtimes besides eager (measure.runtimes): its front's speed-ups in each
+    (pqsweep.reports.speedups); printed, and returned by file stem for the report's folder."""
+    tables = {}
+    for sweep in sweeps:
+        front = [r.run for r in rows if r.sweep is sweep and r.front]
+        base = sweep.baseline.data if sweep.baseline is not None else None
+        if base is None or not speedups.measured([run.data.tags for run in front] + [base.tags]):
+            continue
+        header, body = speedups.table([(run.info.run_name, run.data.metrics, run.data.tags) for run in front],
+                                      base.metrics, base.tags)
+        title = (f"speed where it runs, front of {sweep.name}: speed-up = baseline p50 / point p50 in the same "
+                 "runtime at batch 1;\n  MACs x = baseline MACs / point MACs (work, not time)")
+        if any(o.name == "latency_ms_p50" for o in objectives):
+            trials = [run.data.metrics for run in sweep.trials if run.info.status == "FINISHED"]
+            stays = [f"{r} {'/'.join(map(str, speedups.kept(trials, objectives, r)))}"
+                     for r in speedups.measured([run.data.tags for run in sweep.trials])]
+            title += f"\n  front points still on the front with latency from: {', '.join(stays)}"
+        tables[f"runtimes-{sweep.name}"] = (title, header, body)
     for title, header, body in tables.values():
         print(title)
         print(render(header, body))
@@ -201,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                       for m, r in chosen.items()]))
 
     over_seeds = seed_tables(args, rows, swept, objectives)
+    over_seeds |= runtime_tables(sweeps, rows, objectives)  # written beside the seed tables
     papers = paper_tables(args.paper, sweeps, rows)
     for title, paper_header, paper_body in papers:
         print(f"{title}: ours (mean ± sd over seeds where several), the paper's value, ours - paper")
