@@ -59,7 +59,12 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_no_line_is_wider_than_120_characters(page):
-    wide = [f"line {n}: {len(line)}" for n, line in enumerate(page.read_text().split("\n"), 1) if len(line) > WIDTH]
+    """Prose and tables; a fenced block is a program's output as it prints it, and stays verbatim."""
+    fenced, wide = False, []
+    for n, line in enumerate(page.read_text().split("\n"), 1):
+        fenced ^= line.lstrip().startswith("```")
+        if len(line) > WIDTH and not fenced:
+            wide.append(f"line {n}: {len(line)}")
     assert not wide, f"{page.relative_to(REPO)} has lines over {WIDTH} characters: " + ", ".join(wide)
 
 
