@@ -165,6 +165,16 @@ def test_a_store_without_the_experiment_or_the_sweep_says_so(client):
         report.main(["elsewhere", "--uri", uri, "--experiment", "mine"])
 
 
+def test_a_missing_store_is_one_line_and_nothing_is_written(tmp_path, monkeypatch):
+    # a report only reads: naming a store that is not there must not leave an empty mlflow.db behind
+    monkeypatch.chdir(tmp_path)
+    for argv in (["foo"], ["--list"], ["foo", "--uri", f"sqlite:///{tmp_path}/elsewhere.db"]):
+        with pytest.raises(SystemExit, match=r"^pqsweep-report: --uri sqlite:///\S+: no MLflow store at \S+; run the "
+                                             r"sweep first, or give --uri sqlite:///<the sweep's mlflow.db>$"):
+            report.main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")

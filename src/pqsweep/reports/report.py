@@ -27,6 +27,7 @@ from pqsweep.reports import pareto, seeds
 from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
+from pqsweep.stores import sqlite_file
 from pqsweep.tracking import resolve_uri
 
 
@@ -142,9 +143,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def existing_store(uri: str) -> str:
+    """The URI, absolute, where its SQLite file exists; a report only reads, so a missing one stops the command
+    before MLflow's client would create an empty store in its place."""
+    uri = resolve_uri(uri)
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise SystemExit(f"pqsweep-report: --uri {uri}: no MLflow store at {path}; run the sweep first, or give "
+                         "--uri sqlite:///<the sweep's mlflow.db>")
+    return uri
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    mlflow.set_tracking_uri(resolve_uri(args.uri))
+    mlflow.set_tracking_uri(existing_store(args.uri))
     client = MlflowClient()
     if args.list:
         print(render(["sweep", "parent run", "status", "finished", "other", "sampler", "started (UTC)"],
