@@ -23,8 +23,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pqsweep.reports import pareto, seeds
-from pqsweep.reports.sweeps import Sweep, listing, load
+from pqsweep.reports import pareto, provenance, seeds
+from pqsweep.reports.sweeps import Sweep, listing, load, metric
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.stores import sqlite_file
@@ -52,6 +52,18 @@ def seed_tables(args, rows: list[Row], swept: list[str], objectives) -> dict[str
         print(title)
         print(render(header, body))
     return tables
+
+
+def at_chance(rows: list[Row], sweep: Sweep, objectives, on: provenance.RanOn) -> str:
+    """Why the front's hypervolume means nothing, where every front trial's accuracy is chance ("" otherwise): a
+    volume of 0 (or of noise) would read as a result."""
+    for o in objectives:
+        front = [v for r in rows if r.sweep is sweep and r.front and (v := metric(r.run, o.name)) is not None]
+        if o.direction == "maximize" and provenance.at_chance(front, o.name, on):
+            return (f"every front trial's {o.name} is chance ({provenance.chance(o.name, on.classes):.3g} % for "
+                    f"{on.classes} classes, within {provenance.SIGMAS:g} standard errors over "
+                    f"{on.images.get('test', '?')} test images), so the front trades nothing")
+    return ""
 
 
 def paper_tables(path: str | None, sweeps: list[Sweep], rows: list[Row]) -> list:
@@ -182,9 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     shown_rows = [r for r in rows if r.front] if args.front else rows
     header, body = [c.header for c in columns], [[shown(r, c) for c in columns] for r in shown_rows]
 
+    ran = {sweep.name: provenance.ran_on(sweep.trials) for sweep in sweeps}
     for sweep in sweeps:
         print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id} "
               f"({sweep.parent.info.status})")
+        print(f"  {ran[sweep.name].line()}")
         if sweep.others:
             print(f"  {len(sweep.others)} older sweep(s) of this name: pqsweep-report --run {sweep.others[0]} ...")
         if sweep.baseline is not None:
@@ -197,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in sweeps:
         size = sum(r.front for r in rows if r.sweep is sweep)
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
+        chance = at_chance(rows, sweep, objectives, ran[sweep.name])
+        if chance:
+            volume = f"no hypervolume: {chance}"
         print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
     print(f"  {reference}")
 
@@ -211,9 +228,11 @@ def main(argv: list[str] | None = None) -> None:
 
     over_seeds = seed_tables(args, rows, swept, objectives)
     papers = paper_tables(args.paper, sweeps, rows)
-    for title, paper_header, paper_body in papers:
+    for title, paper_header, paper_body, notes in papers:
         print(f"{title}: ours (mean ± sd over seeds where several), the paper's value, ours - paper")
         print(render(paper_header, paper_body))
+        for note in notes:
+            print(f"  {note}")
 
     studies = []
     for sweep in sweeps:
@@ -224,11 +243,12 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
     written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies)
-    for title, paper_header, paper_body in papers:
-        stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.split(", ", 1)[1]).lower())
+    for title, paper_header, paper_body, notes in papers:
+        stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.rsplit(", ", 1)[1]).lower())
         with open(f"{stem}.csv", "w", newline="") as f:
             csv.writer(f).writerows([paper_header, *paper_body])
-        Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body))
+        Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body)
+                                      + "".join(f"\n{note}\n" for note in notes))
         Path(f"{stem}.tex").write_text(latex(paper_header, paper_body))
         written += [Path(f"{stem}.{ext}") for ext in ("csv", "md", "tex")]
     for stem, (title, seed_header, seed_body) in over_seeds.items():
