@@ -310,7 +310,8 @@ def test_a_sweep_by_its_run_id_and_a_name_that_has_older_sweeps(store, capsys):
     new, _ = log_hand_sweep(client, experiment, trials=HAND[:2])
     report.main(["hand", "--uri", uri, "--no-plots", "--no-log"])
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == [f"sweep hand: 2 trials under MLflow run {new} (FINISHED)",
+    assert out[:3] == [f"sweep hand: 2 trials under MLflow run {new} (FINISHED)",
+                       "  ran on: data ?, scale ?, epochs ? baseline + ? fine-tune, seeds ?, weights ?",  # none logged
                        f"  1 older sweep(s) of this name: pqsweep-report --run {old} ..."]
     report.main(["--run", old, "--uri", uri, "--no-plots", "--no-log"])
     assert capsys.readouterr().out.splitlines()[0] == f"sweep hand: 1 trials under MLflow run {old} (FINISHED)"
@@ -332,12 +333,13 @@ def test_what_it_prints_writes_and_says_on_stderr(store, tmp_path, capsys):
     printed = capsys.readouterr()
     lines = printed.out.splitlines()
     assert lines[0] == f"sweep hand: 4 trials under MLflow run {parent} (FINISHED)"
-    assert lines[1] == "baseline (fp32, dense): top1 92.00%, size 1.0000 MB, gzip 0.9000 MB, p50 0.100 ms"
+    assert lines[1].startswith("  ran on: data ?, scale ?")  # what the trials ran on: these hand-made ones log none
+    assert lines[2] == "baseline (fp32, dense): top1 92.00%, size 1.0000 MB, gzip 0.9000 MB, p50 0.100 ms"
     # the table in grid order (fp16 before none, then gm before l1), then the front over the sweep's own objectives
-    assert lines[2:8] == table.render(["pruning", "top1 %", "front"], [["gm", "80.00", "*"], ["gm", "99.00", ""],
+    assert lines[3:9] == table.render(["pruning", "top1 %", "front"], [["gm", "80.00", "*"], ["gm", "99.00", ""],
                                       ["gm", "90.00", "*"], ["l1", "70.00", ""]]).splitlines()
     # A's box 20 x 0.5, B's 10 x 0.8, their overlap 10 x 0.5, against (70, 1.0): 13
-    assert lines[8:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
+    assert lines[9:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
                          "  reference: top1=70 (worst trial), size_mb=1 (baseline)", f"wrote 3 files under {out_dir}"]
     assert printed.err == "1 trial(s) failed: see their `error` tag in MLflow\n"
     assert sorted(p.name for p in out_dir.iterdir()) == ["table.csv", "table.md", "table.tex"]
@@ -378,7 +380,7 @@ def test_the_front_only_and_the_tables_written_where_asked(store, tmp_path, caps
                 "--csv", str(paths["csv"]), "--markdown", str(paths["md"]), "--latex", str(paths["tex"])])
     rows = [["gm", "fp16", "80.00"], ["gm", "none", "90.00"]]  # B and A, the front, in grid order
     header = ["pruning", "quant", "top1 %"]
-    assert capsys.readouterr().out.split("\n", 2)[2].startswith(table.render(header, rows) + "\n")
+    assert capsys.readouterr().out.split("\n", 3)[3].startswith(table.render(header, rows) + "\n")  # under 3 lines
     out = tmp_path / "reports" / "hand"
     assert paths["md"].read_text() == (out / "table.md").read_text() == table.markdown(header, rows)
     assert paths["tex"].read_text() == (out / "table.tex").read_text() == table.latex(header, rows)
@@ -428,6 +430,45 @@ def test_a_sweep_without_a_hypervolume_logs_none(store, capsys):
     assert tags["pareto_front_size"] == "0" and "pareto_hypervolume" not in tags
     assert tags["pareto_reference"] == "no finished trial has every objective"
     assert client.get_run(ids["F"]).data.tags["pareto"] == "false"
+
+
+def log_fake_data_sweep(client, experiment, test_images):
+    """Two trials on random images of 1000 classes as a real trial logs its data (params and inputs): top-5 0 % and
+    3.85 % (one hit in 26 images), the cpu scale of resnet18_imagenet_ptq_then_prune."""
+    from nets import compose_cfg
+
+    from pqsweep import records
+
+    cfg = compose_cfg("sweep=resnet18_imagenet_ptq_then_prune")
+    data = {"train": 92, "val": 10, "test": test_images, "image_size": 224, "in_channels": 3, "num_classes": 1000}
+    parent = client.create_run(experiment, tags={"stage": "sweep", "sweep": "fake"}).info.run_id
+    client.log_param(parent, "objectives", "top5,size_mb")
+    for top5, size in ((0.0, 11.8), (3.85, 46.8)):
+        run = client.create_run(experiment, tags={"stage": "trial", "sweep": "fake", "mlflow.parentRunId": parent})
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in records.params(cfg).items()],
+                         metrics=[Metric("top5", top5, 0, 0), Metric("size_mb", size, 0, 0)])
+        with mlflow.start_run(run_id=run.info.run_id):
+            records.log_inputs(cfg, data)
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_a_front_at_chance_says_so_instead_of_a_hypervolume(store, capsys):
+    uri, client, experiment = store
+    log_fake_data_sweep(client, experiment, test_images=26)
+    report.main(["fake", "--uri", uri, "--no-plots", "--no-log"])
+    out = capsys.readouterr().out
+    assert "  ran on: data fake (train 92 / val 10 / test 26 images, 1000 classes, random images (fake data): " \
+           "accuracy is chance), scale cpu, epochs 0 baseline + 0 fine-tune, seeds 0, weights random init, untrained\n" in out
+    assert ("front of fake over top5 (max), size_mb (min): 2 trials, no hypervolume: every front trial's top5 is "
+            "chance (0.5 % for 1000 classes, within 3 standard errors over 26 test images), so the front trades "
+            "nothing\n") in out
+
+
+def test_the_same_accuracy_over_many_test_images_is_no_longer_chance(store, capsys):
+    uri, client, experiment = store
+    log_fake_data_sweep(client, experiment, test_images=10000)  # 3.85 % is 16 standard errors above 0.5 % here
+    report.main(["fake", "--uri", uri, "--no-plots", "--no-log"])
+    assert "front of fake over top5 (max), size_mb (min): 2 trials, hypervolume " in capsys.readouterr().out
 
 
 # --- a paper's tables -------------------------------------------------------------------------------------------

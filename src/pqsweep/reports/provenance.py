@@ -42,7 +42,9 @@ class RanOn:
         counts = [f"{s} {self.images[s]:,}" for s in SPLITS if s in self.images]
         inside = ([" / ".join(counts) + " images"] if counts else []) + (
             [f"{self.classes} classes"] if self.classes else []) + notes
-        weights = {"True": "pretrained", "False": "trained here"}
+        # pretrained=False with no baseline epochs is a random network, the ImageNet stand-in's case
+        untrained = self.epochs == ["0"]
+        weights = {"True": "pretrained", "False": "random init, untrained" if untrained else "trained here"}
         return (f"ran on: data {data}{' (' + ', '.join(inside) + ')' if inside else ''}, scale {listed(self.scale)}, "
                 f"epochs {listed(self.epochs)} baseline + {listed(self.finetune_epochs)} fine-tune, "
                 f"seeds {listed(self.seeds)}, weights {listed([weights.get(p, p) for p in self.pretrained])}")
