@@ -6,7 +6,6 @@ the Optuna study and the plots. Each test has an MLflow SQLite store of its own,
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 
@@ -17,7 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
-from pqsweep.reports import report, table
+from pqsweep.reports import page, report, table
 from pqsweep.reports.sweeps import Sweep
 
 
@@ -357,7 +356,7 @@ def test_without_objectives_of_its_own_the_front_is_over_top1_and_size_and_nothi
     out = tmp_path / "out"
     report.main(["hand", "--uri", uri, "--no-log", "--out", str(out), "--objectives", "size_gzip_mb:min,size_mb:min"])
     assert "front of hand over size_gzip_mb (min), size_mb (min): 1 trials" in capsys.readouterr().out
-    assert {"top1_vs_size_gzip_mb.png", "top1_vs_size_gzip_mb.html"} <= {p.name for p in out.iterdir()}
+    assert {"top1_vs_size_gzip_mb.png", "report.html"} <= {p.name for p in out.iterdir()}
 
 
 def test_two_sweeps_each_get_a_front_line_and_one_folder_and_neither_is_logged_to(store, tmp_path, capsys):
@@ -544,11 +543,12 @@ def test_optunas_agreement_is_printed_where_the_front_is_over_the_studys_own_obj
     assert "Optuna's best_trials" not in capsys.readouterr().out
 
 
-def figure(path):
-    """(traces, layout) of the plotly figure an HTML plot holds, as JSON."""
-    html = path.read_text()
-    traces, end = json.JSONDecoder().raw_decode(html, html.index("[", html.index("Plotly.newPlot(")))
-    return traces, json.JSONDecoder().raw_decode(html, html.index("{", end))[0]
+def figure(path, name):
+    """(traces, layout) of a plotly figure the report's page holds, as JSON."""
+    from pqsweep.reports import page
+
+    found = page.figures(path)[name]
+    return found["data"], found["layout"]
 
 
 def test_the_plots_are_of_the_maximised_objective_against_the_most_compressed_and_optunas_views(store, tmp_path,
@@ -559,10 +559,14 @@ def test_the_plots_are_of_the_maximised_objective_against_the_most_compressed_an
     out = tmp_path / "out"
     report.main(["hand", "--uri", uri, "--no-log", "--out", str(out), "--objectives", "size_gzip_mb:min,top5:max"])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {"table.csv", "table.md", "table.tex", "top5_vs_size_gzip_mb.png", "top5_vs_size_gzip_mb.html",
-                     "optuna-hand/optuna_pareto_front.html", "optuna-hand/optuna_hypervolume_history.html"}
+    assert files == {"table.csv", "table.md", "table.tex", "top5_vs_size_gzip_mb.png", "report.html"}
+    assert sum(p.stat().st_size for p in out.rglob("*")) < 6e6  # one plotly.js (4.8 MB); per-plot pages weighed 14 MB
     assert f"wrote {len(files)} files under {out}\n" in capsys.readouterr().out
-    traces, layout = figure(out / "top5_vs_size_gzip_mb.html")  # each trial at its own point, and the baseline
+    # one page: the front and Optuna's views of the study, under the report's header
+    assert list(page.figures(out / "report.html")) == ["top5_vs_size_gzip_mb", "optuna_pareto_front",
+                                                       "optuna_hypervolume_history"]
+    assert "front of hand over size_gzip_mb (min), top5 (max)" in (out / "report.html").read_text()
+    traces, layout = figure(out / "report.html", "top5_vs_size_gzip_mb")  # each trial at its own point, and the baseline
     points = [(t["meta"]["sweep"], x, y) for t in traces if t["meta"]["kind"] == "points" for x, y in zip(t["x"], t["y"])]
     assert sorted(points) == [("hand", 0.1, 85.0), ("hand", 0.15, 75.0), ("hand", 0.25, 95.0)]
     assert [(t["x"], t["y"]) for t in traces if t["meta"]["kind"] == "baseline"] == [([0.9], [97.0])]

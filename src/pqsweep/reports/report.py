@@ -208,13 +208,15 @@ def main(argv: list[str] | None = None) -> None:
     print(render(header, body))
     named = ", ".join(f"{o.name} ({o.direction[:3]})" for o in objectives)
     volumes, reference = hypervolumes(sweeps, rows, objectives)
+    fronts = []
     for sweep in sweeps:
         size = sum(r.front for r in rows if r.sweep is sweep)
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
         chance = at_chance(rows, sweep, objectives, ran[sweep.name])
         if chance:
             volume = f"no hypervolume: {chance}"
-        print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        fronts.append(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        print(fronts[-1])
     print(f"  {reference}")
 
     if bounds:
@@ -242,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         studies.append((sweep, study, why))
 
     out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
-    written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies)
+    summary = [line for sweep in sweeps for line in (f"sweep {sweep.name}: {len(sweep.trials)} trials",
+                                                     ran[sweep.name].line())] + fronts
+    summary += [note for *_, notes in papers for note in notes]
+    written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies, summary)
     for title, paper_header, paper_body, notes in papers:
         stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.rsplit(", ", 1)[1]).lower())
         with open(f"{stem}.csv", "w", newline="") as f:
@@ -263,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{failed} trial(s) failed: see their `error` tag in MLflow", file=sys.stderr)
 
 
-def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies) -> list[Path]:
-    """The tables (under --out, and where --csv / --markdown / --latex say) and the plots."""
+def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies,
+                  summary: list[str]) -> list[Path]:
+    """The tables (under --out, and where --csv / --markdown / --latex say), and the plots: a PNG each, and all of
+    them on one page, report.html, under the report's header lines (`summary`)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, write in ((args.csv, lambda p: write_csv(p, columns, shown_rows)),
@@ -278,16 +285,19 @@ def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, swee
     written += [out / "table.csv", out / "table.md", out / "table.tex"]
     if args.no_plots:
         return written
-    from pqsweep.reports import plots
+    from pqsweep.reports import page, plots
 
     series = [plots.Series(s.name, [point(r.run, s) for r in rows if r.sweep is s],
                            [r.front for r in rows if r.sweep is s],
                            s.baseline.data.metrics if s.baseline else None) for s in sweeps]
     accuracy = next((o.name for o in objectives if o.direction == "maximize"), "top1")
-    written += plots.plot_standard(series, out, accuracy=accuracy, size=compressed_by(objectives).name)
+    drawn = plots.plot_standard(series, out, accuracy=accuracy, size=compressed_by(objectives).name)
     for sweep, study, why in studies:
         if study is not None:
-            written += plots.optuna_views(study, out / f"optuna-{sweep.name}")
+            drawn += plots.optuna_views(study, f"optuna-{sweep.name}-" if len(sweeps) > 1 else "optuna_")
+    written += [p.png for p in drawn if p.png]
+    if drawn:
+        written.append(page.write(out / "report.html", "+".join(s.name for s in sweeps), summary, drawn))
     return written
 
 
