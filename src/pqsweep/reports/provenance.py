@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from mlflow.entities import Run
 
+from pqsweep.reports.sweeps import metric
+
 # Data sets that are random tensors, not images of anything: accuracy on them is chance by construction.
 RANDOM_DATA = {"fake": "random images (fake data): accuracy is chance"}
 SPLITS = ("train", "val", "test")
@@ -106,3 +108,15 @@ def at_chance(values: list[float], metric: str, on: RanOn) -> bool:
     p = rate / 100.0
     margin = 100.0 * SIGMAS * math.sqrt(p * (1 - p) / n) if n else 0.0
     return all(v <= rate + margin for v in values)
+
+
+def front_at_chance(front: list, objectives, on: RanOn) -> str:
+    """Why a front's hypervolume means nothing, where every one of its trials' accuracy is chance ("" otherwise): a
+    volume of 0, or of noise, would read as a result. `front`: its rows (pqsweep.reports.table.Row)."""
+    for o in objectives:
+        values = [v for r in front if (v := metric(r.run, o.name)) is not None]
+        if o.direction == "maximize" and at_chance(values, o.name, on):
+            return (f"every front trial's {o.name} is chance ({chance(o.name, on.classes):.3g} % for {on.classes} "
+                    f"classes, within {SIGMAS:g} standard errors over {on.images.get('test', '?')} test images), so "
+                    "the front trades nothing")
+    return ""

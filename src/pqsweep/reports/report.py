@@ -24,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pqsweep.reports import pareto, provenance, seeds
-from pqsweep.reports.sweeps import Sweep, listing, load, metric
+from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.stores import sqlite_file
@@ -52,18 +52,6 @@ def seed_tables(args, rows: list[Row], swept: list[str], objectives) -> dict[str
         print(title)
         print(render(header, body))
     return tables
-
-
-def at_chance(rows: list[Row], sweep: Sweep, objectives, on: provenance.RanOn) -> str:
-    """Why the front's hypervolume means nothing, where every front trial's accuracy is chance ("" otherwise): a
-    volume of 0 (or of noise) would read as a result."""
-    for o in objectives:
-        front = [v for r in rows if r.sweep is sweep and r.front and (v := metric(r.run, o.name)) is not None]
-        if o.direction == "maximize" and provenance.at_chance(front, o.name, on):
-            return (f"every front trial's {o.name} is chance ({provenance.chance(o.name, on.classes):.3g} % for "
-                    f"{on.classes} classes, within {provenance.SIGMAS:g} standard errors over "
-                    f"{on.images.get('test', '?')} test images), so the front trades nothing")
-    return ""
 
 
 def paper_tables(path: str | None, sweeps: list[Sweep], rows: list[Row]) -> list:
@@ -212,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in sweeps:
         size = sum(r.front for r in rows if r.sweep is sweep)
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
-        chance = at_chance(rows, sweep, objectives, ran[sweep.name])
+        chance = provenance.front_at_chance([r for r in rows if r.sweep is sweep and r.front], objectives,
+                                            ran[sweep.name])
         if chance:
             volume = f"no hypervolume: {chance}"
         fronts.append(f"front of {sweep.name} over {named}: {size} trials, {volume}")
