@@ -266,7 +266,8 @@ def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], lis
                 reason = differs(cell, runs) if mine != "-" else ""
                 if reason:
                     why.setdefault(reason, []).append(column)
-                    mine, delta = f"{mine} {NOT_COMPARABLE}", f"{delta} {NOT_COMPARABLE}"
+                    mine = f"{mine} {NOT_COMPARABLE}"
+                    delta = delta if delta == "-" else f"{delta} {NOT_COMPARABLE}"  # no Δ where the paper has none
                 if cell.note:
                     notes.setdefault(row, cell.note)
                 line += [mine, cell.value, delta]
