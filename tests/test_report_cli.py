@@ -168,8 +168,9 @@ def test_a_missing_store_is_one_line_and_nothing_is_written(tmp_path, monkeypatc
     # a report only reads: naming a store that is not there must not leave an empty mlflow.db behind
     monkeypatch.chdir(tmp_path)
     for argv in (["foo"], ["--list"], ["foo", "--uri", f"sqlite:///{tmp_path}/elsewhere.db"]):
-        with pytest.raises(SystemExit, match=r"^pqsweep-report: --uri sqlite:///\S+: no MLflow store at \S+; run the "
-                                             r"sweep first, or give --uri sqlite:///<the sweep's mlflow.db>$"):
+        with pytest.raises(SystemExit, match=r"^pqsweep-report: --uri=sqlite:///\S+ is not allowed: must be an MLflow "
+                                             r"store that exists \(there is no \S+; run the sweep first, or give "
+                                             r"--uri sqlite:///<the sweep's mlflow.db>\)$"):
             report.main(argv)
     assert list(tmp_path.iterdir()) == []
 

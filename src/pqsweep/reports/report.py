@@ -149,8 +149,8 @@ def existing_store(uri: str) -> str:
     uri = resolve_uri(uri)
     path = sqlite_file(uri)
     if path is not None and not path.is_file():
-        raise SystemExit(f"pqsweep-report: --uri {uri}: no MLflow store at {path}; run the sweep first, or give "
-                         "--uri sqlite:///<the sweep's mlflow.db>")
+        raise SystemExit(f"pqsweep-report: --uri={uri} is not allowed: must be an MLflow store that exists (there is "
+                         f"no {path}; run the sweep first, or give --uri sqlite:///<the sweep's mlflow.db>)")
     return uri
 
 
