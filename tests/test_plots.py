@@ -118,6 +118,19 @@ def test_the_page_shows_every_plot_before_plotly_js_has_run_and_then_draws_them(
         live.wait_for_function(f"document.querySelectorAll('.plot.drawn').length == {len(plots)}", timeout=60000)
         assert live.locator(".plot.drawn img").first.is_hidden()  # the figure took the PNG's place
         live.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        # as the MLflow UI shows an HTML artifact: from a blob URL in an iframe, where nothing beside the file loads
+        still.close()
+        live.close()
+        host = browser.new_page()
+        host.set_content("<iframe id='f' style='width:1000px;height:800px'></iframe>")
+        host.evaluate("html => document.getElementById('f').src = URL.createObjectURL(new Blob([html], "
+                      "{type: 'text/html'}))", path.read_text())
+        for _ in range(100):
+            framed = next((f for f in host.frames if f.url.startswith("blob:")), None)
+            if framed:
+                break
+            host.wait_for_timeout(100)
+        framed.wait_for_function(f"document.querySelectorAll('.plot.drawn').length == {len(plots)}", timeout=60000)
         browser.close()
 
 

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
     summary = [line for sweep in sweeps for line in (f"sweep {sweep.name}: {len(sweep.trials)} trials",
                                                      ran[sweep.name].line())] + fronts
-    summary += [note for *_, notes in papers for note in notes]
+    summary += [f"{title.rsplit(', ', 1)[1]}: {note}" for title, *_, notes in papers for note in notes]
     written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies, summary)
     for title, paper_header, paper_body, notes in papers:
         stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.rsplit(", ", 1)[1]).lower())
