@@ -108,10 +108,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                "  pqsweep-report mnist_cnn_sparsity_x_precision                 (by study name; --list shows them)\n"
                "  pqsweep-report NAME --objectives top1:max,latency_ms_p50:min --budget 'top1_delta>=-1' --csv t.csv\n"
                "\n"
-               "output: the table and front on stdout, and where a paper's values are kept beside the sweep file\n"
-               "(sweeps/<name>.paper.csv) the paper's tables with ours beside; tables (CSV, markdown, LaTeX) and plots\n"
-               "(PNG, HTML) under --out (default reports/<sweep>/) and, unless --no-log, in the sweep's MLflow parent\n"
-               "run under report/.")
+               "output: what the trials ran on, the table and front on stdout, and where a paper's values are kept\n"
+               "beside the sweep file (sweeps/<name>.paper.csv) the paper's tables with ours beside (accuracy marked †\n"
+               "where the data or scale is not the paper's); tables (CSV, markdown, LaTeX), a PNG per plot and one page\n"
+               "holding every plot (report.html) under --out (default reports/<sweep>/) and, unless --no-log, in the\n"
+               "sweep's MLflow parent run under report/. docs/reports.md says more.")
     parser.add_argument("sweeps", nargs="*", help="sweep names (study.name; a command-line grid is named after its "
                         "swept keys, e.g. pruning.amount+quantization); several overlay their fronts")
     parser.add_argument("--run", action="append", default=[], metavar="ID", help="a sweep by its parent run id")
