@@ -245,7 +245,8 @@ def test_help_keeps_its_examples_and_output_lines_as_written(capsys):
     assert f"\n\n{report.__doc__.splitlines()[0]}\n\n" in out
     # RawDescriptionHelpFormatter: the epilog's lines stay lines
     assert "\nexamples:\n  pqsweep-report mnist_cnn_sparsity_x_precision " in out
-    assert "\n\noutput: the table and front on stdout," in out and out.endswith("run under report/.\n")
+    assert "\n\noutput: what the trials ran on, the table and front on stdout," in out
+    assert out.endswith("under report/. docs/reports.md says more.\n")
 
 
 # --- a sweep as pqsweep logs one: what the command prints, writes and logs back ---------------------------------
