@@ -8,6 +8,10 @@
     pqsweep-report --run <parent run id> --csv t.csv --markdown t.md --latex t.tex
     pqsweep-report NAME --compare train.distill.enabled                 # paired by seed: Δ, 95 % CI, real or not
 
+Every report opens with what its trials ran on (pqsweep.reports.provenance); a paper's accuracy cells are marked †
+where that is not the paper's data or scale (pqsweep.reports.paper); the plots go on one page, report.html
+(pqsweep.reports.page). It only reads the store: a missing one is refused, never created. docs/reports.md shows one.
+
 The front is computed from the trial runs' metrics, so it covers Hydra's basic sweeps as well as Optuna studies, and
 partly finished or failed sweeps (a failed trial is shown, never put on the front). Where the sweep is an Optuna study,
 its `best_trials` are compared with the front.
