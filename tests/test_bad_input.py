@@ -334,3 +334,22 @@ def test_an_error_at_run_time_is_one_line_and_its_traceback_is_in_the_log_and_th
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith("ConfigError: train.trainable=")
     text = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="error.txt")).read_text()
     assert "Traceback (most recent call last)" in text and "nope names no parameter" in text
+
+
+# pqsweep-report reads a store; one that is not there is refused before MLflow's client would create it empty
+REPORT = {
+    "a sweep in a folder without a store": ("foo", "--uri"),
+    "the list of a store that is not there": ("--list", "--uri"),
+    "a store named that is not there": ("foo --uri sqlite:///nope.db", "--uri"),
+}
+
+
+@pytest.mark.parametrize("line, key", REPORT.values(), ids=REPORT.keys())
+def test_the_report_refuses_a_missing_store_and_writes_nothing(tmp_path, line, key):
+    script = Path(sys.executable).parent / "pqsweep-report"
+    done = subprocess.run([str(script), *line.split()], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    (error,) = done.stderr.splitlines()
+    assert error.startswith("pqsweep-report: ")
+    refusal(error.removeprefix("pqsweep-report: "), key)
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no reports/

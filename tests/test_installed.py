@@ -107,6 +107,7 @@ def test_the_wheel_carries_the_configs_and_the_plugin(installed):
     assert sweeps and sweeps == {p.name for p in (REPO / "sweeps").glob("*.yaml")}
     papers = {Path(n).name for n in names if re.fullmatch(r"pqsweep/conf/sweep/[^/]+\.paper\.csv", n)}
     assert papers and papers == {p.name for p in (REPO / "sweeps").glob("*.paper.csv")}  # the report reads them
+    assert "pqsweep/reports/papers.csv" in names  # the papers' titles, authors and years, which the report cites
     # every config of the checkout, the linked sweeps/ included, and nothing else
     in_checkout = {str(Path(folder, name).relative_to(REPO / "conf"))
                    for folder, _, files in os.walk(REPO / "conf", followlinks=True)

@@ -164,7 +164,7 @@ def test_the_report_prints_fig_12_with_ours_beside_the_papers(tmp_path, capsys):
         client.set_terminated(r.info.run_id, "FINISHED")
     report.main([RESNET, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    section = out.split(f"{PAPER}, Fig. 12:")[1]
+    section = out.split(f"[{PAPER}], Fig. 12:")[1]  # cited by title, author and year, the file beside
     header = section.splitlines()[1]
     assert all(f"{col} {part}" in header for col in COLUMNS for part in ("ours", "paper", "Δ"))
 
@@ -180,7 +180,7 @@ def test_the_report_prints_fig_12_with_ours_beside_the_papers(tmp_path, capsys):
     assert row("QAT + Pruning") == ["QAT + Pruning", "9.00", "87.26", "-78.26", "5.50", "2.79", "+2.71", "12.000",
                                     "13.56", "-1.560", "5.4", "2.7", "+2.7", "5.0", "2.7", "+2.3"]
     assert row("Baseline")[1:4] == ["-", "92.49", "-"]  # not run: ours and Δ empty, the paper's value stands
-    assert (tmp_path / "paper-fig__12.md").read_text().startswith(f"{PAPER}, Fig. 12")
+    assert (tmp_path / "paper-fig__12.md").read_text().startswith(f"{paper.cited(PAPER)}, Fig. 12")
 
 
 # -- frozen layers (train.trainable) --------------------------------------------------------------------------------

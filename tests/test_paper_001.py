@@ -131,7 +131,7 @@ def test_the_report_prints_tables_1_to_5_with_ours_beside_the_papers(tmp_path, c
         client.set_terminated(r.info.run_id, "FINISHED")
     report.main([SWEEP, "--uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    sections = {name: out.split(f"001_17951392d90394c9.txt, {name}:")[1].split("001_17951392d90394c9.txt")[0]
+    sections = {name: out.split(f"[001_17951392d90394c9.txt], {name}:")[1].split("001_17951392d90394c9.txt")[0]
                 for name in TABLES}
     header = sections["Table 2"].splitlines()[1]
     assert all(f"{col} {part}" in header for col in COLUMNS for part in ("ours", "paper", "Δ"))
@@ -150,7 +150,7 @@ def test_the_report_prints_tables_1_to_5_with_ours_beside_the_papers(tmp_path, c
     assert row("Table 1", "CPU") == ["CPU", "84.00", "14.36", "+69.64", "46.84", "46.83", "+0.01", "3.85", "89",
                                      "-85.15"]  # 89 printed bare, 89.21 beside it: 2 decimals
     assert row("Table 5", "CPU") == ["CPU", "-", "12.11", "-", "-", "44.96", "-", "-", "89.54", "-"]  # not run
-    assert (tmp_path / "paper-table_2.md").read_text().startswith("001_17951392d90394c9.txt, Table 2")
+    assert (tmp_path / "paper-table_2.md").read_text().startswith(f"{paper.cited('001_17951392d90394c9.txt')}, Table 2")
 
 
 @pytest.mark.slow

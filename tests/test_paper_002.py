@@ -177,13 +177,13 @@ def test_the_report_prints_the_papers_tables_with_ours_and_the_difference(tmp_pa
         client.set_terminated(run.info.run_id, "FINISHED")
     report.main([GRID, "--uri", uri, "--no-plots", "--no-log", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    best = out.split(f"{SOURCE}, Quantization after Pruning Examples:")[1].split("Post Quantization")[0].splitlines()
+    best = out.split(f"[{SOURCE}], Quantization after Pruning Examples:")[1].split("Post Quantization")[0].splitlines()
     assert "Struc. Prun. paper" in best[1] and "Score ours" in best[1] and "Accuracy Δ" in best[1]
     row = next(line for line in best if line.strip().startswith("0.5,0.5"))
     score = 2.8 / 5.6 + 1.0
     assert "92.50 ± 0.71 (n=2)" in row and "92.86%" in row and "-0.36" in row
     assert f"{score:.6f}" in row and "1.495052" in row and f"{score - 1.495052:+.6f}" in row
-    post = out.split(f"{SOURCE}, Post Quantization Performances:")[1].splitlines()
+    post = out.split(f"[{SOURCE}], Post Quantization Performances:")[1].splitlines()
     row = next(line for line in post if line.strip().startswith("0.5, 0.5"))
     assert "92.50" in row and "92.87%" in row and f"{(2.799 / 5.6 + 1.0) / 2:.6f}" in row and "0.747526" in row
     untouched = next(line for line in post if line.strip().startswith("0.1,0.7"))

@@ -213,7 +213,7 @@ def log_trials(tmp_path, sweep: str, trials: list[tuple[dict, dict]]) -> str:
 
 
 def section(out: str, name: str) -> list[str]:
-    return out.split(f"{SOURCE}, {name}:")[1].split(SOURCE)[0].splitlines()
+    return out.split(f"[{SOURCE}], {name}:")[1].split(SOURCE)[0].splitlines()
 
 
 def test_the_report_prints_tables_1_to_4_with_ours_beside_the_papers(tmp_path, capsys):
@@ -244,7 +244,7 @@ def test_the_report_prints_tables_1_to_4_with_ours_beside_the_papers(tmp_path, c
     t4 = section(out, "Table 4")
     ref4 = next(line for line in t4 if line.strip().startswith("MobileNet – Reference"))
     assert "8.76  " in ref4 and "34.91" in ref4  # the fp32 file's 9.186 MB in MiB, to Table 4's 2 decimals
-    assert (tmp_path / "paper-table_4.md").read_text().startswith(f"{SOURCE}, Table 4")
+    assert (tmp_path / "paper-table_4.md").read_text().startswith(f"{paper.cited(SOURCE)}, Table 4")
 
 
 def test_the_report_prints_tables_5_and_6_with_ours_beside_the_papers(tmp_path, capsys):

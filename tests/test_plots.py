@@ -1,16 +1,20 @@
-"""The Pareto-front plots, rendered for real from hand-made trials: what a reader of the PNG and the HTML would see."""
+"""The Pareto-front plots, rendered for real from hand-made trials: what a reader of the PNG and the report's HTML page
+would see, and how much it weighs and how soon it shows (headless chromium)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import optuna
+import pytest
 from matplotlib.image import imread
 
+from pqsweep.reports import page
 from pqsweep.reports.plots import (
     UNITS,
     Series,
@@ -50,24 +54,84 @@ def collections(fig, prefix):
     return [c for c in fig.axes[0].collections if (c.get_gid() or "").startswith(prefix)]
 
 
-def html_traces(path):
-    """The trace list plotly wrote into the HTML: the first array after Plotly.newPlot's div id."""
-    text = path.read_text()
-    start = text.index("[", text.index("Plotly.newPlot("))
-    return json.JSONDecoder().raw_decode(text, start)[0]
+def html_traces(plots, name=None):
+    """The trace list of a plot as the report's page holds it (written and read back)."""
+    plots = plots if isinstance(plots, list) else [plots]
+    path = page.write(plots[0].png.parent / "page.html", "t", [], plots)
+    return page.figures(path)[name or plots[0].name]["data"]
 
 
-def test_plot_front_writes_a_real_png_and_an_offline_html(tmp_path):
-    paths = plot_front([sweep()], "size_mb", "top1", tmp_path / "plots", "top1_vs_size_mb")
-    png, html = tmp_path / "plots/top1_vs_size_mb.png", tmp_path / "plots/top1_vs_size_mb.html"
-    assert paths == [png, html]
+def test_plot_front_writes_a_real_png_and_its_figure(tmp_path):
+    plot = plot_front([sweep()], "size_mb", "top1", tmp_path / "plots", "top1_vs_size_mb")
+    png = tmp_path / "plots/top1_vs_size_mb.png"
+    assert plot.png == png and plot.name == "top1_vs_size_mb" and list(png.parent.iterdir()) == [png]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = imread(png)
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
     assert pixels[..., :3].var() > 0.01  # not a blank canvas
-    text = html.read_text()
-    assert 3e6 < len(text) < 8e6  # plotly.js embedded once, nothing else of that size
-    assert '<script src="http' not in text  # nothing fetched from a network the CI machine does not have
+    assert plot.figure.to_plotly_json()["data"] == front_plotly([sweep()], "size_mb", "top1").to_plotly_json()["data"]
+
+
+PLOTLY_JS = "plotly.js v"  # the banner at the top of plotly.min.js, once per copy
+
+
+def report_page(tmp_path):
+    """A report's page as pqsweep-report writes one: three fronts (size, latency, MACs) and Optuna's three views."""
+    s = sweep()
+    for p in s.points:
+        p["macs"] = 1e5 * p["size_mb"]
+    plots = plot_standard([s], tmp_path) + optuna_views(two_objective_study())
+    return page.write(tmp_path / "report.html", "mnist_grid", ["ran on: data digits, scale cpu"], plots), plots
+
+
+def test_a_reports_page_holds_every_plot_with_one_copy_of_plotly_js(tmp_path):
+    path, plots = report_page(tmp_path)
+    text = path.read_text()
+    assert len(plots) == 6 and text.count(PLOTLY_JS) == 1
+    assert len(text) < 6e6  # plotly.js (4.8 MB) once, the rest PNGs and numbers: six HTML files held 29 MB
+    assert "<script src=" not in text and 'src="http' not in text  # one file, nothing fetched from anywhere
+    assert len(re.findall(r'<img alt="top1_vs_\w+" src="data:image/png;base64,', text)) == 3  # each front's PNG, inside
+    assert "ran on: data digits, scale cpu" in text  # the report's header first
+    assert set(page.figures(path)) == {p.name for p in plots}
+
+
+@pytest.mark.slow
+def test_the_page_shows_every_plot_before_plotly_js_has_run_and_then_draws_them(tmp_path):
+    """Headless chromium, as tests/test_ui.py launches it: the PNGs are on screen with scripts off; with scripts on,
+    every plot becomes a live plotly figure."""
+    from test_ui import CHROMIUM, CHROMIUM_ARGS
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing")
+    path, plots = report_page(tmp_path)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        still = browser.new_page(java_script_enabled=False)
+        still.goto(path.as_uri())
+        images = still.locator(".plot img")
+        assert images.count() == 3
+        assert all(images.nth(i).evaluate("i => i.complete && i.naturalWidth > 600") for i in range(3))
+        still.screenshot(path=str(tmp_path / "still.png"), full_page=True)
+        live = browser.new_page()
+        live.goto(path.as_uri())
+        live.wait_for_function(f"document.querySelectorAll('.plot.drawn').length == {len(plots)}", timeout=60000)
+        assert live.locator(".plot.drawn img").first.is_hidden()  # the figure took the PNG's place
+        live.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+        # as the MLflow UI shows an HTML artifact: from a blob URL in an iframe, where nothing beside the file loads
+        still.close()
+        live.close()
+        host = browser.new_page()
+        host.set_content("<iframe id='f' style='width:1000px;height:800px'></iframe>")
+        host.evaluate("html => document.getElementById('f').src = URL.createObjectURL(new Blob([html], "
+                      "{type: 'text/html'}))", path.read_text())
+        for _ in range(100):
+            framed = next((f for f in host.frames if f.url.startswith("blob:")), None)
+            if framed:
+                break
+            host.wait_for_timeout(100)
+        framed.wait_for_function(f"document.querySelectorAll('.plot.drawn').length == {len(plots)}", timeout=60000)
+        browser.close()
 
 
 def test_axes_are_the_metrics_with_their_units_and_the_title_counts_what_is_hidden():
@@ -112,7 +176,7 @@ def test_two_sweeps_overlaid_get_their_own_front_lines_and_markers_in_the_legend
 def test_html_holds_the_points_the_front_and_hover_text(tmp_path):
     s = sweep()
     traces = front_plotly([s], "size_mb", "top1").to_plotly_json()["data"]
-    written = html_traces(plot_front([s], "size_mb", "top1", tmp_path, "f")[1])
+    written = html_traces(plot_front([s], "size_mb", "top1", tmp_path, "f"))
     for data in (traces, written):
         points = [t for t in data if t["meta"]["kind"] == "points"]
         assert sum(len(t["x"]) for t in points) == 6
@@ -136,11 +200,11 @@ def test_log_x_when_x_spans_more_than_twenty_times():
 
 
 def test_plot_standard_draws_what_the_trials_measured_in_one_colour_per_method(tmp_path):
-    paths = plot_standard([sweep()], tmp_path)  # the trials have latency but no MACs
-    assert [p.name for p in paths] == ["top1_vs_size_mb.png", "top1_vs_size_mb.html",
-                                       "top1_vs_latency_ms_p50.png", "top1_vs_latency_ms_p50.html"]
-    colours = [{t["name"]: t["marker"]["color"] for t in html_traces(p) if t["meta"]["kind"] == "points"}
-               for p in paths if p.suffix == ".html"]
+    plots = plot_standard([sweep()], tmp_path)  # the trials have latency but no MACs
+    assert [p.name for p in plots] == ["top1_vs_size_mb", "top1_vs_latency_ms_p50"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["top1_vs_latency_ms_p50.png", "top1_vs_size_mb.png"]
+    colours = [{t["name"]: t["marker"]["color"] for t in html_traces(plots, p.name) if t["meta"]["kind"] == "points"}
+               for p in plots]
     assert colours[0] == colours[1] == {m: c for m, c in method_colours([sweep()]).items()}
     assert len(set(colours[0].values())) == 4
 
@@ -162,20 +226,19 @@ def two_objective_study(n_trials=12, params=("amount", "bits")) -> optuna.Study:
 
 
 def test_optuna_views_writes_its_html_views_of_a_real_study(tmp_path):
-    paths = optuna_views(two_objective_study(), tmp_path)
-    assert [p.name for p in paths] == ["optuna_pareto_front.html", "optuna_hypervolume_history.html",
-                                       "optuna_param_importances.html"]
-    for p in paths:
-        assert p.stat().st_size > 3e6 and "Plotly.newPlot(" in p.read_text()
+    plots = optuna_views(two_objective_study())
+    assert [p.name for p in plots] == ["optuna_pareto_front", "optuna_hypervolume_history", "optuna_param_importances"]
+    assert all(p.png is None and p.figure.data for p in plots)
+    assert list(tmp_path.iterdir()) == []  # the figures go on the report's page; nothing is written here
 
 
 def test_optuna_views_skips_importances_it_cannot_rank_and_says_why(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pqsweep.reports.plots"):
-        paths = optuna_views(two_objective_study(n_trials=5, params=("amount",)), tmp_path)
-    assert [p.name for p in paths] == ["optuna_pareto_front.html", "optuna_hypervolume_history.html"]
+        plots = optuna_views(two_objective_study(n_trials=5, params=("amount",)))
+    assert [p.name for p in plots] == ["optuna_pareto_front", "optuna_hypervolume_history"]
     assert "no parameter importances" in caplog.text and "1 shared parameters, 5 complete trials" in caplog.text
 
 
 def test_optuna_views_of_a_study_without_complete_trials_writes_nothing(tmp_path):
     study = optuna.create_study(directions=["maximize", "minimize"])
-    assert optuna_views(study, tmp_path) == []
+    assert optuna_views(study) == []

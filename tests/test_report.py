@@ -310,7 +310,7 @@ def test_write_outputs_hands_back_the_files_it_wrote_under_out(tmp_path):
     args = report.parse(["s", "--no-plots", "--csv", str(tmp_path / "mine.csv")])
     out = tmp_path / "out"
     written = report.write_outputs(args, out, [table.column("top1", trials)], rows, rows, ["top1 %"], [["90.00"]], [s],
-                                  [TOP1, SIZE], [])
+                                  [TOP1, SIZE], [], ["ran on: data digits"])
     assert written == [out / "table.csv", out / "table.md", out / "table.tex"] == sorted(out.iterdir())
     assert (tmp_path / "mine.csv").read_text() == (out / "table.csv").read_text()
 

@@ -6,7 +6,6 @@ the Optuna study and the plots. Each test has an MLflow SQLite store of its own,
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 
@@ -17,7 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
-from pqsweep.reports import report, table
+from pqsweep.reports import page, report, table
 from pqsweep.reports.sweeps import Sweep
 
 
@@ -165,6 +164,17 @@ def test_a_store_without_the_experiment_or_the_sweep_says_so(client):
         report.main(["elsewhere", "--uri", uri, "--experiment", "mine"])
 
 
+def test_a_missing_store_is_one_line_and_nothing_is_written(tmp_path, monkeypatch):
+    # a report only reads: naming a store that is not there must not leave an empty mlflow.db behind
+    monkeypatch.chdir(tmp_path)
+    for argv in (["foo"], ["--list"], ["foo", "--uri", f"sqlite:///{tmp_path}/elsewhere.db"]):
+        with pytest.raises(SystemExit, match=r"^pqsweep-report: --uri=sqlite:///\S+ is not allowed: must be an MLflow "
+                                             r"store that exists \(there is no \S+; run the sweep first, or give "
+                                             r"--uri sqlite:///<the sweep's mlflow.db>\)$"):
+            report.main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -235,7 +245,8 @@ def test_help_keeps_its_examples_and_output_lines_as_written(capsys):
     assert f"\n\n{report.__doc__.splitlines()[0]}\n\n" in out
     # RawDescriptionHelpFormatter: the epilog's lines stay lines
     assert "\nexamples:\n  pqsweep-report mnist_cnn_sparsity_x_precision " in out
-    assert "\n\noutput: the table and front on stdout," in out and out.endswith("run under report/.\n")
+    assert "\n\noutput: what the trials ran on, the table and front on stdout," in out
+    assert out.endswith("under report/. docs/reports.md says more.\n")
 
 
 # --- a sweep as pqsweep logs one: what the command prints, writes and logs back ---------------------------------
@@ -300,7 +311,8 @@ def test_a_sweep_by_its_run_id_and_a_name_that_has_older_sweeps(store, capsys):
     new, _ = log_hand_sweep(client, experiment, trials=HAND[:2])
     report.main(["hand", "--uri", uri, "--no-plots", "--no-log"])
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == [f"sweep hand: 2 trials under MLflow run {new} (FINISHED)",
+    assert out[:3] == [f"sweep hand: 2 trials under MLflow run {new} (FINISHED)",
+                       "  ran on: data ?, scale ?, epochs ? baseline + ? fine-tune, seeds ?, weights ?",  # none logged
                        f"  1 older sweep(s) of this name: pqsweep-report --run {old} ..."]
     report.main(["--run", old, "--uri", uri, "--no-plots", "--no-log"])
     assert capsys.readouterr().out.splitlines()[0] == f"sweep hand: 1 trials under MLflow run {old} (FINISHED)"
@@ -322,12 +334,13 @@ def test_what_it_prints_writes_and_says_on_stderr(store, tmp_path, capsys):
     printed = capsys.readouterr()
     lines = printed.out.splitlines()
     assert lines[0] == f"sweep hand: 4 trials under MLflow run {parent} (FINISHED)"
-    assert lines[1] == "baseline (fp32, dense): top1 92.00%, size 1.0000 MB, gzip 0.9000 MB, p50 0.100 ms"
+    assert lines[1].startswith("  ran on: data ?, scale ?")  # what the trials ran on: these hand-made ones log none
+    assert lines[2] == "baseline (fp32, dense): top1 92.00%, size 1.0000 MB, gzip 0.9000 MB, p50 0.100 ms"
     # the table in grid order (fp16 before none, then gm before l1), then the front over the sweep's own objectives
-    assert lines[2:8] == table.render(["pruning", "top1 %", "front"], [["gm", "80.00", "*"], ["gm", "99.00", ""],
+    assert lines[3:9] == table.render(["pruning", "top1 %", "front"], [["gm", "80.00", "*"], ["gm", "99.00", ""],
                                       ["gm", "90.00", "*"], ["l1", "70.00", ""]]).splitlines()
     # A's box 20 x 0.5, B's 10 x 0.8, their overlap 10 x 0.5, against (70, 1.0): 13
-    assert lines[8:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
+    assert lines[9:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
                          "  reference: top1=70 (worst trial), size_mb=1 (baseline)", f"wrote 3 files under {out_dir}"]
     assert printed.err == "1 trial(s) failed: see their `error` tag in MLflow\n"
     assert sorted(p.name for p in out_dir.iterdir()) == ["table.csv", "table.md", "table.tex"]
@@ -345,7 +358,7 @@ def test_without_objectives_of_its_own_the_front_is_over_top1_and_size_and_nothi
     out = tmp_path / "out"
     report.main(["hand", "--uri", uri, "--no-log", "--out", str(out), "--objectives", "size_gzip_mb:min,size_mb:min"])
     assert "front of hand over size_gzip_mb (min), size_mb (min): 1 trials" in capsys.readouterr().out
-    assert {"top1_vs_size_gzip_mb.png", "top1_vs_size_gzip_mb.html"} <= {p.name for p in out.iterdir()}
+    assert {"top1_vs_size_gzip_mb.png", "report.html"} <= {p.name for p in out.iterdir()}
 
 
 def test_two_sweeps_each_get_a_front_line_and_one_folder_and_neither_is_logged_to(store, tmp_path, capsys):
@@ -368,7 +381,7 @@ def test_the_front_only_and_the_tables_written_where_asked(store, tmp_path, caps
                 "--csv", str(paths["csv"]), "--markdown", str(paths["md"]), "--latex", str(paths["tex"])])
     rows = [["gm", "fp16", "80.00"], ["gm", "none", "90.00"]]  # B and A, the front, in grid order
     header = ["pruning", "quant", "top1 %"]
-    assert capsys.readouterr().out.split("\n", 2)[2].startswith(table.render(header, rows) + "\n")
+    assert capsys.readouterr().out.split("\n", 3)[3].startswith(table.render(header, rows) + "\n")  # under 3 lines
     out = tmp_path / "reports" / "hand"
     assert paths["md"].read_text() == (out / "table.md").read_text() == table.markdown(header, rows)
     assert paths["tex"].read_text() == (out / "table.tex").read_text() == table.latex(header, rows)
@@ -418,6 +431,45 @@ def test_a_sweep_without_a_hypervolume_logs_none(store, capsys):
     assert tags["pareto_front_size"] == "0" and "pareto_hypervolume" not in tags
     assert tags["pareto_reference"] == "no finished trial has every objective"
     assert client.get_run(ids["F"]).data.tags["pareto"] == "false"
+
+
+def log_fake_data_sweep(client, experiment, test_images):
+    """Two trials on random images of 1000 classes as a real trial logs its data (params and inputs): top-5 0 % and
+    3.85 % (one hit in 26 images), the cpu scale of resnet18_imagenet_ptq_then_prune."""
+    from nets import compose_cfg
+
+    from pqsweep import records
+
+    cfg = compose_cfg("sweep=resnet18_imagenet_ptq_then_prune")
+    data = {"train": 92, "val": 10, "test": test_images, "image_size": 224, "in_channels": 3, "num_classes": 1000}
+    parent = client.create_run(experiment, tags={"stage": "sweep", "sweep": "fake"}).info.run_id
+    client.log_param(parent, "objectives", "top5,size_mb")
+    for top5, size in ((0.0, 11.8), (3.85, 46.8)):
+        run = client.create_run(experiment, tags={"stage": "trial", "sweep": "fake", "mlflow.parentRunId": parent})
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in records.params(cfg).items()],
+                         metrics=[Metric("top5", top5, 0, 0), Metric("size_mb", size, 0, 0)])
+        with mlflow.start_run(run_id=run.info.run_id):
+            records.log_inputs(cfg, data)
+        client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def test_a_front_at_chance_says_so_instead_of_a_hypervolume(store, capsys):
+    uri, client, experiment = store
+    log_fake_data_sweep(client, experiment, test_images=26)
+    report.main(["fake", "--uri", uri, "--no-plots", "--no-log"])
+    out = capsys.readouterr().out
+    assert "  ran on: data fake (train 92 / val 10 / test 26 images, 1000 classes, random images (fake data): " \
+           "accuracy is chance), scale cpu, epochs 0 baseline + 0 fine-tune, seeds 0, weights random init, untrained\n" in out
+    assert ("front of fake over top5 (max), size_mb (min): 2 trials, no hypervolume: every front trial's top5 is "
+            "chance (0.5 % for 1000 classes, within 3 standard errors over 26 test images), so the front trades "
+            "nothing\n") in out
+
+
+def test_the_same_accuracy_over_many_test_images_is_no_longer_chance(store, capsys):
+    uri, client, experiment = store
+    log_fake_data_sweep(client, experiment, test_images=10000)  # 3.85 % is 16 standard errors above 0.5 % here
+    report.main(["fake", "--uri", uri, "--no-plots", "--no-log"])
+    assert "front of fake over top5 (max), size_mb (min): 2 trials, hypervolume " in capsys.readouterr().out
 
 
 # --- a paper's tables -------------------------------------------------------------------------------------------
@@ -493,11 +545,12 @@ def test_optunas_agreement_is_printed_where_the_front_is_over_the_studys_own_obj
     assert "Optuna's best_trials" not in capsys.readouterr().out
 
 
-def figure(path):
-    """(traces, layout) of the plotly figure an HTML plot holds, as JSON."""
-    html = path.read_text()
-    traces, end = json.JSONDecoder().raw_decode(html, html.index("[", html.index("Plotly.newPlot(")))
-    return traces, json.JSONDecoder().raw_decode(html, html.index("{", end))[0]
+def figure(path, name):
+    """(traces, layout) of a plotly figure the report's page holds, as JSON."""
+    from pqsweep.reports import page
+
+    found = page.figures(path)[name]
+    return found["data"], found["layout"]
 
 
 def test_the_plots_are_of_the_maximised_objective_against_the_most_compressed_and_optunas_views(store, tmp_path,
@@ -508,10 +561,14 @@ def test_the_plots_are_of_the_maximised_objective_against_the_most_compressed_an
     out = tmp_path / "out"
     report.main(["hand", "--uri", uri, "--no-log", "--out", str(out), "--objectives", "size_gzip_mb:min,top5:max"])
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert files == {"table.csv", "table.md", "table.tex", "top5_vs_size_gzip_mb.png", "top5_vs_size_gzip_mb.html",
-                     "optuna-hand/optuna_pareto_front.html", "optuna-hand/optuna_hypervolume_history.html"}
+    assert files == {"table.csv", "table.md", "table.tex", "top5_vs_size_gzip_mb.png", "report.html"}
+    assert sum(p.stat().st_size for p in out.rglob("*")) < 6e6  # one plotly.js (4.8 MB); per-plot pages weighed 14 MB
     assert f"wrote {len(files)} files under {out}\n" in capsys.readouterr().out
-    traces, layout = figure(out / "top5_vs_size_gzip_mb.html")  # each trial at its own point, and the baseline
+    # one page: the front and Optuna's views of the study, under the report's header
+    assert list(page.figures(out / "report.html")) == ["top5_vs_size_gzip_mb", "optuna_pareto_front",
+                                                       "optuna_hypervolume_history"]
+    assert "front of hand over size_gzip_mb (min), top5 (max)" in (out / "report.html").read_text()
+    traces, layout = figure(out / "report.html", "top5_vs_size_gzip_mb")  # each trial at its own point, and the baseline
     points = [(t["meta"]["sweep"], x, y) for t in traces if t["meta"]["kind"] == "points" for x, y in zip(t["x"], t["y"])]
     assert sorted(points) == [("hand", 0.1, 85.0), ("hand", 0.15, 75.0), ("hand", 0.25, 95.0)]
     assert [(t["x"], t["y"]) for t in traces if t["meta"]["kind"] == "baseline"] == [([0.9], [97.0])]

@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from optuna.storages.journal import JournalFileBackend
 
-from pqsweep.reports import report
+from pqsweep.reports import page, report
 from nets import experiment_ids
 
 # (name, pruning, quantization, status, top1, size_mb). Objectives top1 (max), size_mb (min).
@@ -81,7 +81,7 @@ def test_the_front_of_runs_with_known_dominance_is_marked_tagged_and_logged(stor
     assert tags["pareto_front_size"] == "3" and tags["pareto_objectives"] == "top1:max,size_mb:min"
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/table.csv", "report/table.md", "report/table.tex", "report/top1_vs_size_mb.png",
-            "report/top1_vs_size_mb.html"} <= logged
+            "report/report.html"} <= logged
     image = imread(tmp_path / "out" / "top1_vs_size_mb.png")
     assert image.shape[0] > 300 and image.std() > 0.05  # drawn, not blank
 
@@ -147,7 +147,8 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     assert {int(r.data.tags["optuna_trial_number"]) for r in trials if r.data.tags["pareto"] == "true"} == best
     parent = trials[0].data.tags["mlflow.parentRunId"]
     logged = {a.path for a in client.list_artifacts(parent, "report")}
-    assert "report/top1_vs_size_gzip_mb.png" in logged and "report/optuna-gm" in logged
+    assert "report/top1_vs_size_gzip_mb.png" in logged and "report/report.html" in logged
+    assert {"top1_vs_size_gzip_mb", "optuna_pareto_front"} <= set(page.figures(tmp_path / "gm" / "report.html"))
 
     report.main(["layers", "--uri", uri, "--out", str(tmp_path / "layers"), "--no-plots"])
     layers = client.search_runs(experiment_ids(client),
@@ -162,5 +163,6 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
     assert "front of layers over top1 (max), size_gzip_mb (min)" in out
     with open(tmp_path / "both" / "table.csv", newline="") as f:
         assert {r["sweep"] for r in csv.DictReader(f)} == {"gm", "layers"}
-    html = (tmp_path / "both" / "top1_vs_size_gzip_mb.html").read_text()
-    assert "front: gm" in html and "front: layers" in html  # each sweep's own front line, labelled
+    traces = page.figures(tmp_path / "both" / "report.html")["top1_vs_size_gzip_mb"]["data"]
+    fronts = {t["name"] for t in traces if t["meta"]["kind"] == "front"}
+    assert {"front: gm", "front: layers"} <= fronts  # each sweep's own front line, labelled

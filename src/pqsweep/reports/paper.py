@@ -3,13 +3,19 @@
 Each sweep that reproduces a paper keeps the paper's numbers beside it, `sweeps/<study name>.paper.csv`, one row per
 published cell, copied exactly as printed (`78,170`, `-`):
 
-    source, table, row, column, value, unit,  match,                                     metric,       factor
-    004_...txt, Table I, 0 / 16, Size (bytes), "17,626", bytes, pruning.amount=0 quantization.bits=16, size_gzip_mb, 1000000
+    source, table, row, column, value, unit,  match,                                     metric,       factor,  data, note
+    004_...txt, Table I, 0 / 16, Size (bytes), "17,626", bytes, pruning.amount=0 quantization.bits=16, size_gzip_mb, 1000000, mnist,
 
 `match` names the params of the trials that reproduce the cell (several trials: several seeds), `metric` what is
 compared with it (a logged metric, or one of the papers' own formulas below), and `factor` turns ours into the
-paper's unit (MB -> bytes). The report prints the paper's rows and columns with ours (mean, and the spread over
-seeds), the paper's value and the difference.
+paper's unit (MB -> bytes). `data` is the data set the paper measured the cell on, as pqsweep names it (the param
+`dataset`), and `note` why the row is matched as it is, where that is not plain (printed under the table). The
+report prints the paper's rows and columns with ours (mean, and the spread over seeds), the paper's value and the
+difference. An accuracy cell (DATA_DEPENDENT) whose trials ran on other data or at cpu scale is marked NOT_COMPARABLE,
+with a line saying why; size, params, sparsity and MACs depend on the network only and stay compared.
+
+Each table is titled by its paper's title, first author and year (papers.csv beside this module, so a wheel has it),
+with the text file's name beside.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class Cell:
     match: dict[str, str]
     metric: str
     factor: float
+    data: str = ""  # the data set the paper measured it on ("" : not said)
+    note: str = ""  # why the cell is matched to its trials as it is, where the match alone does not say
 
     @property
     def published(self) -> float | None:
@@ -64,8 +72,30 @@ def number_text(value: str) -> str:
 def load(path: Path) -> list[Cell]:
     with open(path, newline="", encoding="utf-8") as f:
         return [Cell(r["source"], r["table"], r["row"], r["column"], r["value"], r["unit"],
-                     dict(item.split("=", 1) for item in r["match"].split()), r["metric"], float(r["factor"] or 1))
+                     dict(item.split("=", 1) for item in r["match"].split()), r["metric"], float(r["factor"] or 1),
+                     r.get("data") or "", r.get("note") or "")
                 for r in csv.DictReader(f)]
+
+
+PAPERS = Path(__file__).with_name("papers.csv")
+
+
+def citations() -> dict[str, str]:
+    """Text file name -> 'First author et al. (year), "Title" [file]', from papers.csv."""
+    with open(PAPERS, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    cited = {}
+    for r in rows:
+        authors = [a.strip() for a in r["authors"].split(";")]
+        surname = authors[0].split()[-1] + (" et al." if len(authors) > 2 else f" and {authors[1].split()[-1]}"
+                                             if len(authors) == 2 else "")
+        cited[r["file"]] = f'{surname} ({r["year"]}), "{r["title"]}" [{r["file"]}]'
+    return cited
+
+
+def cited(source: str) -> str:
+    """A paper's citation; a source papers.csv does not know (a hand-made --paper file) keeps its own name."""
+    return citations().get(source, source)
 
 
 def beside(sweep_name: str) -> Path | None:
@@ -145,6 +175,28 @@ UNMEASURED: dict[str, str] = {
 }
 
 
+# What a cell's value depends on the data and the training for: marked NOT_COMPARABLE where ours ran on other data or
+# at another scale than the paper. Sizes, params, sparsity, MACs and the score of 002 (params and MACs) are the
+# network's, and latency the machine's: those stay compared.
+DATA_DEPENDENT = {"top1", "top5", "top1_delta", "top5_delta", "q_004", "top1_before_finetune"}
+NOT_COMPARABLE = "†"
+
+
+def differs(cell: Cell, runs: list[Run]) -> str:
+    """Why ours and the paper's value of an accuracy cell are not comparable ("" where they are, or cannot be told):
+    a trial that reproduces it ran on other data than the paper's, or at a scale other than `paper`."""
+    if cell.metric not in DATA_DEPENDENT or not cell.data:
+        return ""
+    mine = [r for r in runs if r.info.status == "FINISHED" and matches(r, cell.match)]
+    data = sorted({r.data.params["dataset"] for r in mine if "dataset" in r.data.params} - {cell.data})
+    scale = sorted({r.data.params["scale"] for r in mine if "scale" in r.data.params} - {"paper"})
+    if not data and not scale:
+        return ""
+    parts = ([f"data {'/'.join(data)}, not the paper's {cell.data}"] if data else []) + \
+            ([f"scale {'/'.join(scale)}, not paper"] if scale else [])
+    return f"ours ran on {' and '.join(parts)}"
+
+
 def matches(run: Run, wanted: dict[str, str]) -> bool:
     """Every wanted param equal, as numbers where both are numbers ("0" matches a logged "0.0")."""
     for key, value in wanted.items():
@@ -191,8 +243,10 @@ def shown(cell: Cell, values: list[float], d: int) -> tuple[str, str]:
     return text, "-" if paper is None else f"{mean - paper:+,.{d}f}"
 
 
-def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, body) per paper table: its rows and columns, each column as ours / paper / Δ."""
+def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """(title, header, body, notes) per paper table: its rows and columns, each column as ours / paper / Δ; an
+    accuracy cell whose trials ran on other data or at cpu scale marked NOT_COMPARABLE (ours and Δ), with the notes
+    saying why, and each row's own note (the cells' `note`)."""
     out = []
     for key in dict.fromkeys((c.source, c.table) for c in cells):
         own = [c for c in cells if (c.source, c.table) == key]
@@ -200,7 +254,7 @@ def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], lis
         # as precise as the paper printed the column (a "-" cell, such as a baseline's own Δ, has no digits)
         precision = {col: max(digits(c) for c in own if c.column == col) for col in columns}
         header = ["row"] + [f"{c} {part}" for c in columns for part in ("ours", "paper", "Δ")]
-        body = []
+        body, why, notes = [], {}, {}
         for row in dict.fromkeys(c.row for c in own):
             line = [row]
             for column in columns:
@@ -209,7 +263,18 @@ def tables(cells: list[Cell], runs: list[Run]) -> list[tuple[str, list[str], lis
                     line += ["", "", ""]
                     continue
                 mine, delta = shown(cell, ours(cell, runs), precision[column])
+                reason = differs(cell, runs) if mine != "-" else ""
+                if reason:
+                    why.setdefault(reason, []).append(column)
+                    mine = f"{mine} {NOT_COMPARABLE}"
+                    delta = delta if delta == "-" else f"{delta} {NOT_COMPARABLE}"  # no Δ where the paper has none
+                if cell.note:
+                    notes.setdefault(row, cell.note)
                 line += [mine, cell.value, delta]
             body.append(line)
-        out.append((f"{key[0]}, {key[1]}", header, body))
+        lines = [f"{NOT_COMPARABLE} not comparable with the paper ({', '.join(dict.fromkeys(cols))}): {reason}; "
+                 "accuracy depends on the data and the training, so only the network's own columns (size, params, "
+                 "sparsity, MACs) compare" for reason, cols in why.items()]
+        lines += [f"{row}: {note}" for row, note in notes.items()]
+        out.append((f"{cited(key[0])}, {key[1]}", header, body, lines))
     return out

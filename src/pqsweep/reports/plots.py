@@ -1,11 +1,11 @@
-"""Pareto fronts of compression trials as pictures: a PNG to read and an HTML to hover, from plain data (no MLflow).
+"""Pareto fronts of compression trials as pictures: a PNG to read and a plotly figure to hover, from plain data (no
+MLflow).
 
-    paths = plot_standard([Series("mnist_cnn_sparsity_x_precision", points, front, baseline)], Path("report"))
+    plots = plot_standard([Series("mnist_cnn_sparsity_x_precision", points, front, baseline)], Path("report"))
 
-writes report/top1_vs_size_mb.png and .html, and the same against latency_ms_p50 and macs where the trials have them.
-The HTML files embed plotly.js (about 4.8 MB each): the MLflow UI shows an HTML artifact from a blob URL, where a
-script next to the file cannot be found, and the CI machine is offline, so neither a shared plotly.min.js nor a CDN
-would draw anything there.
+writes report/top1_vs_size_mb.png, and the same against latency_ms_p50 and macs where the trials have them, and
+returns each with its interactive figure; pqsweep.reports.page puts them all on one HTML page with one copy of
+plotly.js.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from optuna.trial import TrialState
+
+from pqsweep.reports.page import Plot
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ MARKERS = [("o", "circle"), ("s", "square"), ("^", "triangle-up"), ("D", "diamon
 FRONT_STYLES = [("-", "solid"), ("--", "dash"), (":", "dot"), ("-.", "dashdot")]
 LOG_SPAN = 20.0  # log_x=None: a log x axis when the largest x is more than this many times the smallest
 MIN_IMPORTANCE_TRIALS = 10  # fewer complete trials give parameter importances that are mostly noise
-PLOTLYJS = True  # embed plotly.js in every HTML file: see the module docstring
 
 
 @dataclass
@@ -256,32 +257,32 @@ def front_plotly(series: list[Series], x: str, y: str, colours: dict[str, str] |
 
 
 def plot_front(series: list[Series], x: str, y: str, out: Path, stem: str, log_x: bool | None = None,
-               colours: dict[str, str] | None = None) -> list[Path]:
-    """Write out/<stem>.png and out/<stem>.html of y against x; log_x None: log when x spans more than LOG_SPAN."""
+               colours: dict[str, str] | None = None) -> Plot:
+    """Write out/<stem>.png of y against x and return it with its interactive figure; log_x None: log when x spans
+    more than LOG_SPAN."""
     out.mkdir(parents=True, exist_ok=True)
     colours = colours or method_colours(series)
-    png, html = out / f"{stem}.png", out / f"{stem}.html"
+    png = out / f"{stem}.png"
     front_figure(series, x, y, colours, log_x).savefig(png, dpi=120)
-    front_plotly(series, x, y, colours, log_x).write_html(html, include_plotlyjs=PLOTLYJS)
-    return [png, html]
+    return Plot(stem, front_plotly(series, x, y, colours, log_x), png)
 
 
-def plot_standard(series: list[Series], out: Path, accuracy: str = "top1", size: str = "size_mb") -> list[Path]:
+def plot_standard(series: list[Series], out: Path, accuracy: str = "top1", size: str = "size_mb") -> list[Plot]:
     """Accuracy against size, latency p50 and MACs, each where some finished trial has the metric; one colour per
     method across the three. Each plot draws the front of its own two axes (accuracy up, the other down): a front
     over other objectives zigzags on these axes."""
     from pqsweep.reports.pareto import Objective, pareto_front
 
     colours = method_colours(series)
-    paths = []
+    plots = []
     for x in (size, "latency_ms_p50", "macs"):
         if any(drawable(p, x, accuracy) for s in series for p in s.points):
             axes = [Objective(accuracy, "maximize"), Objective(x, "minimize")]
             own = [dataclasses.replace(s, front=pareto_front(
                 [[number(p[accuracy]), number(p[x])] if drawable(p, x, accuracy) else None for p in s.points], axes))
                 for s in series]
-            paths += plot_front(own, x, accuracy, out, f"{accuracy}_vs_{x}", colours=colours)
-    return paths
+            plots.append(plot_front(own, x, accuracy, out, f"{accuracy}_vs_{x}", colours=colours))
+    return plots
 
 
 def hypervolume_reference(study: optuna.Study, complete: list[optuna.trial.FrozenTrial]) -> list[float]:
@@ -296,11 +297,11 @@ def hypervolume_reference(study: optuna.Study, complete: list[optuna.trial.Froze
     return reference
 
 
-def optuna_views(study: optuna.Study, out: Path) -> list[Path]:
-    """Optuna's own HTML views of a study where they add something to the fronts: the Pareto front and the
-    hypervolume history (multi-objective) and the parameter importances (>= 2 parameters shared by every complete
-    trial and MIN_IMPORTANCE_TRIALS of them). What is skipped or what Optuna refuses is logged with its reason."""
-    out.mkdir(parents=True, exist_ok=True)
+def optuna_views(study: optuna.Study, prefix: str = "optuna_") -> list[Plot]:
+    """Optuna's own views of a study where they add something to the fronts, named <prefix><view>: the Pareto front
+    and the hypervolume history (multi-objective) and the parameter importances (>= 2 parameters shared by every
+    complete trial and MIN_IMPORTANCE_TRIALS of them). What is skipped or what Optuna refuses is logged with its
+    reason."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         log.info("optuna_views: study %s has no complete trial; no views", study.study_name)
@@ -322,7 +323,7 @@ def optuna_views(study: optuna.Study, out: Path) -> list[Path]:
     else:
         log.info("optuna_views: no parameter importances for %s: %d shared parameters, %d complete trials "
                  "(needs >= 2 and >= %d)", study.study_name, len(params), len(complete), MIN_IMPORTANCE_TRIALS)
-    paths = []
+    plots = []
     for name, make in views.items():
         try:
             with warnings.catch_warnings():
@@ -331,7 +332,5 @@ def optuna_views(study: optuna.Study, out: Path) -> list[Path]:
         except (ValueError, RuntimeError) as e:  # Optuna's refusals: too many objectives, no variance, ...
             log.info("optuna_views: skipped %s for %s: %s", name, study.study_name, e)
             continue
-        path = out / f"optuna_{name}.html"
-        fig.write_html(path, include_plotlyjs=PLOTLYJS)
-        paths.append(path)
-    return paths
+        plots.append(Plot(f"{prefix}{name}", fig))
+    return plots

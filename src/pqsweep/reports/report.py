@@ -8,6 +8,10 @@
     pqsweep-report --run <parent run id> --csv t.csv --markdown t.md --latex t.tex
     pqsweep-report NAME --compare train.distill.enabled                 # paired by seed: Δ, 95 % CI, real or not
 
+Every report opens with what its trials ran on (pqsweep.reports.provenance); a paper's accuracy cells are marked †
+where that is not the paper's data or scale (pqsweep.reports.paper); the plots go on one page, report.html
+(pqsweep.reports.page). It only reads the store: a missing one is refused, never created. docs/reports.md shows one.
+
 The front is computed from the trial runs' metrics, so it covers Hydra's basic sweeps as well as Optuna studies, and
 partly finished or failed sweeps (a failed trial is shown, never put on the front). Where the sweep is an Optuna study,
 its `best_trials` are compared with the front.
@@ -23,10 +27,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pqsweep.reports import pareto, seeds, speedups
+from pqsweep.reports import pareto, provenance, seeds, speedups
 from pqsweep.reports.sweeps import Sweep, listing, load
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
+from pqsweep.stores import sqlite_file
 from pqsweep.tracking import resolve_uri
 
 
@@ -132,10 +137,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                "  pqsweep-report mnist_cnn_sparsity_x_precision                 (by study name; --list shows them)\n"
                "  pqsweep-report NAME --objectives top1:max,latency_ms_p50:min --budget 'top1_delta>=-1' --csv t.csv\n"
                "\n"
-               "output: the table and front on stdout, and where a paper's values are kept beside the sweep file\n"
-               "(sweeps/<name>.paper.csv) the paper's tables with ours beside; tables (CSV, markdown, LaTeX) and plots\n"
-               "(PNG, HTML) under --out (default reports/<sweep>/) and, unless --no-log, in the sweep's MLflow parent\n"
-               "run under report/.")
+               "output: what the trials ran on, the table and front on stdout, and where a paper's values are kept\n"
+               "beside the sweep file (sweeps/<name>.paper.csv) the paper's tables with ours beside (accuracy marked †\n"
+               "where the data or scale is not the paper's); tables (CSV, markdown, LaTeX), a PNG per plot and one page\n"
+               "holding every plot (report.html) under --out (default reports/<sweep>/) and, unless --no-log, in the\n"
+               "sweep's MLflow parent run under report/. docs/reports.md says more.")
     parser.add_argument("sweeps", nargs="*", help="sweep names (study.name; a command-line grid is named after its "
                         "swept keys, e.g. pruning.amount+quantization); several overlay their fronts")
     parser.add_argument("--run", action="append", default=[], metavar="ID", help="a sweep by its parent run id")
@@ -167,9 +173,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def existing_store(uri: str) -> str:
+    """The URI, absolute, where its SQLite file exists; a report only reads, so a missing one stops the command
+    before MLflow's client would create an empty store in its place."""
+    uri = resolve_uri(uri)
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise SystemExit(f"pqsweep-report: --uri={uri} is not allowed: must be an MLflow store that exists (there is "
+                         f"no {path}; run the sweep first, or give --uri sqlite:///<the sweep's mlflow.db>)")
+    return uri
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    mlflow.set_tracking_uri(resolve_uri(args.uri))
+    mlflow.set_tracking_uri(existing_store(args.uri))
     client = MlflowClient()
     if args.list:
         print(render(["sweep", "parent run", "status", "finished", "other", "sampler", "started (UTC)"],
@@ -195,9 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     shown_rows = [r for r in rows if r.front] if args.front else rows
     header, body = [c.header for c in columns], [[shown(r, c) for c in columns] for r in shown_rows]
 
+    ran = {sweep.name: provenance.ran_on(sweep.trials) for sweep in sweeps}
     for sweep in sweeps:
         print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id} "
               f"({sweep.parent.info.status})")
+        print(f"  {ran[sweep.name].line()}")
         if sweep.others:
             print(f"  {len(sweep.others)} older sweep(s) of this name: pqsweep-report --run {sweep.others[0]} ...")
         if sweep.baseline is not None:
@@ -207,10 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     print(render(header, body))
     named = ", ".join(f"{o.name} ({o.direction[:3]})" for o in objectives)
     volumes, reference = hypervolumes(sweeps, rows, objectives)
+    fronts = []
     for sweep in sweeps:
         size = sum(r.front for r in rows if r.sweep is sweep)
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
-        print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        chance = provenance.front_at_chance([r for r in rows if r.sweep is sweep and r.front], objectives,
+                                            ran[sweep.name])
+        if chance:
+            volume = f"no hypervolume: {chance}"
+        fronts.append(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        print(fronts[-1])
     print(f"  {reference}")
     for sweep in sweeps:
         if (line := early_stopping(sweep)) is not None:
@@ -228,9 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     over_seeds = seed_tables(args, rows, swept, objectives)
     over_seeds |= runtime_tables(sweeps, rows, objectives)  # written beside the seed tables
     papers = paper_tables(args.paper, sweeps, rows)
-    for title, paper_header, paper_body in papers:
+    for title, paper_header, paper_body, notes in papers:
         print(f"{title}: ours (mean ± sd over seeds where several), the paper's value, ours - paper")
         print(render(paper_header, paper_body))
+        for note in notes:
+            print(f"  {note}")
 
     studies = []
     for sweep in sweeps:
@@ -240,12 +267,16 @@ def main(argv: list[str] | None = None) -> None:
         studies.append((sweep, study, why))
 
     out = Path(args.out) if args.out else Path("reports") / "+".join(s.name for s in sweeps)
-    written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies)
-    for title, paper_header, paper_body in papers:
-        stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.split(", ", 1)[1]).lower())
+    summary = [line for sweep in sweeps for line in (f"sweep {sweep.name}: {len(sweep.trials)} trials",
+                                                     ran[sweep.name].line())] + fronts
+    summary += [f"{title.rsplit(', ', 1)[1]}: {note}" for title, *_, notes in papers for note in notes]
+    written = write_outputs(args, out, columns, rows, shown_rows, header, body, sweeps, objectives, studies, summary)
+    for title, paper_header, paper_body, notes in papers:
+        stem = out / ("paper-" + "".join(ch if ch.isalnum() else "_" for ch in title.rsplit(", ", 1)[1]).lower())
         with open(f"{stem}.csv", "w", newline="") as f:
             csv.writer(f).writerows([paper_header, *paper_body])
-        Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body))
+        Path(f"{stem}.md").write_text(f"{title}\n\n" + markdown(paper_header, paper_body)
+                                      + "".join(f"\n{note}\n" for note in notes))
         Path(f"{stem}.tex").write_text(latex(paper_header, paper_body))
         written += [Path(f"{stem}.{ext}") for ext in ("csv", "md", "tex")]
     for stem, (title, seed_header, seed_body) in over_seeds.items():
@@ -260,8 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{failed} trial(s) failed: see their `error` tag in MLflow", file=sys.stderr)
 
 
-def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies) -> list[Path]:
-    """The tables (under --out, and where --csv / --markdown / --latex say) and the plots."""
+def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies,
+                  summary: list[str]) -> list[Path]:
+    """The tables (under --out, and where --csv / --markdown / --latex say), and the plots: a PNG each, and all of
+    them on one page, report.html, under the report's header lines (`summary`)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path, write in ((args.csv, lambda p: write_csv(p, columns, shown_rows)),
@@ -275,16 +308,19 @@ def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, swee
     written += [out / "table.csv", out / "table.md", out / "table.tex"]
     if args.no_plots:
         return written
-    from pqsweep.reports import plots
+    from pqsweep.reports import page, plots
 
     series = [plots.Series(s.name, [point(r.run, s) for r in rows if r.sweep is s],
                            [r.front for r in rows if r.sweep is s],
                            s.baseline.data.metrics if s.baseline else None) for s in sweeps]
     accuracy = next((o.name for o in objectives if o.direction == "maximize"), "top1")
-    written += plots.plot_standard(series, out, accuracy=accuracy, size=compressed_by(objectives).name)
+    drawn = plots.plot_standard(series, out, accuracy=accuracy, size=compressed_by(objectives).name)
     for sweep, study, why in studies:
         if study is not None:
-            written += plots.optuna_views(study, out / f"optuna-{sweep.name}")
+            drawn += plots.optuna_views(study, f"optuna-{sweep.name}-" if len(sweeps) > 1 else "optuna_")
+    written += [p.png for p in drawn if p.png]
+    if drawn:
+        written.append(page.write(out / "report.html", "+".join(s.name for s in sweeps), summary, drawn))
     return written
 
 
