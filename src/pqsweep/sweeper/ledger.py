@@ -19,12 +19,8 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-<<<<<<< HEAD
-from pqsweep import identity, tracking
-from pqsweep.early_stop import STOPPED_ATTR, TOP1_ATTR
-=======
 from pqsweep import identity, tracking, view
->>>>>>> ui
+from pqsweep.early_stop import STOPPED_ATTR, TOP1_ATTR
 from pqsweep.reports.pareto import Bound, constraint_values
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper.space import Space, StudyMismatch
