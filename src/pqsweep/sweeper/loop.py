@@ -28,7 +28,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from pqsweep import interrupts, tracking
+from pqsweep import estimate, identity, interrupts, tracking
+from pqsweep.console import duration, plural, say_launches_right
+from pqsweep.stages import STAGES
 from pqsweep.sweeper import space as spaces
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper import watch
@@ -39,14 +41,8 @@ from pqsweep.sweeper.space import Space, StudyMismatch
 log = logging.getLogger("pqsweep.sweeper")
 
 
-def duration(seconds: float) -> str:
-    """A duration as a person reads it: 42 s, 3.5 min, 1.2 h."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def sweep(plugin, arguments: list[str]) -> None:
+    say_launches_right()
     try:
         space, ledger = prepare(plugin, arguments)
     except StudyMismatch as mismatch:  # before anything is written
@@ -72,6 +68,7 @@ class Loop:
         self.began: dict[int, tuple[float, dict]] = {}  # trial number -> (its start, its point), for the progress line
         self.total, self.started = 0, time.monotonic()  # trials this run is to end, and since when (set by run)
         self.poll = 1.0  # s between looks at other workers' trials, while this one waits for them
+        self.times: list[estimate.Ended] = []  # this run's ended trials, for the estimate of the time left
 
     # -- asking for trials ---------------------------------------------------------------------------------------
 
@@ -146,18 +143,40 @@ class Loop:
         else:
             values = self.ledger.complete(trial, metrics)
         self.ended.append((trial.number, "FAILED" if values is None else "FINISHED", reason))
-        self.progress(trial.number, values, reason)
+        self.progress(trial.number, values, reason, estimate.stage_seconds(metrics or {}))
 
-    def progress(self, number: int, values: list[float] | None, reason: str) -> None:
-        """One line per ended trial: how far this run is, the trial's point and result, its time, the time left."""
+    def progress(self, number: int, values: list[float] | None, reason: str,
+                 stages: dict[str, float] | None = None) -> None:
+        """One line per ended trial: how far this run is, the trial's point and result, its time, the time left
+        (pqsweep.estimate: what the trials to come will compute, the stages they load from the cache not counted)."""
         done, total = len(self.ended), max(self.total, len(self.ended))
         began, params = self.began.pop(number, (time.monotonic(), {}))
+        took = time.monotonic() - began
+        self.times.append(estimate.Ended(took, stages or {}, params))
         point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
         result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else f"FAILED ({reason[:80]})"
-        line = f"trial {done}/{total} · {point} · {result} · {duration(time.monotonic() - began)}"
+        line = f"trial {done}/{total} · {point} · {result} · {duration(took)}"
         if done < total:
-            line += f" · ~{duration((time.monotonic() - self.started) / done * (total - done))} left"
+            left = estimate.remaining(self.times, self.to_come(total - done), self.shaped_by())
+            line += f" · ~{duration(left)} left"
         log.info("%s", line)
+
+    def to_come(self, n: int) -> list[dict | None]:
+        """The `n` points this run has still to end: those in flight, then the grid's untried ones (a sampler's
+        next points are not known: None)."""
+        if not self.space.grid:
+            return [None] * n
+        untried = [p for p in spaces.remaining(self.space, self.ledger.params(TrialState.COMPLETE))
+                   if self.space.key(p) not in self.attempted]
+        return ([params for _, params in self.began.values()] + untried)[:n]
+
+    def shaped_by(self) -> dict[str, tuple[str, ...]]:
+        """Per stage, the swept keys that shape it (computed once: it reads the whole config per key)."""
+        if not hasattr(self, "_shaped_by"):
+            config = self.plugin.config
+            self._shaped_by = {stage: identity.swept_shaping(config, self.space.swept, stage)
+                               for stage in STAGES}
+        return self._shaped_by
 
     def abandon(self, launched: list, status: str, reason: str) -> None:
         """The trials in flight when the sweep stopped: FAIL in Optuna (a resume reruns them), `status` in MLflow;
@@ -222,7 +241,7 @@ class Loop:
             raise
         failed = [e for e in self.ended if e[1] != "FINISHED"]
         if self.out_of_budget():
-            ledger.close("FAILED", f"stopped: {len(failed)} failed trials")
+            ledger.close("FAILED", f"stopped: {plural(len(failed), 'failed trial')}")
         elif not ledger.running():
             ledger.close("FINISHED")
         else:
@@ -245,11 +264,11 @@ class Loop:
         worker that outlives another reruns its points; returns how many were failed (and will run again)."""
         completed, failed = self.ledger.reap()
         if failed:
-            log.warning("study %s: %d trial(s) left RUNNING by a dead process: failed, their runs KILLED, rerun",
-                        self.ledger.name, failed)
+            log.warning("study %s: %s left RUNNING by a dead process: failed, their runs KILLED, rerun",
+                        self.ledger.name, plural(failed, "trial"))
         if completed:
-            log.warning("study %s: %d trial(s) of a dead process had finished their run: COMPLETE from its metrics",
-                        self.ledger.name, completed)
+            log.warning("study %s: %s of a dead process had finished their run: COMPLETE from its metrics",
+                        self.ledger.name, plural(completed, "trial"))
         return failed
 
     def out_of_budget(self) -> bool:
@@ -258,8 +277,8 @@ class Loop:
             return False
         limit = self.plugin.max_failures
         if (limit is not None and failed >= limit) or failed / len(self.ended) > self.plugin.max_failure_rate:
-            log.error("study %s: stopping, %d of %d trials failed (max_failures=%s, max_failure_rate=%s)",
-                      self.ledger.name, failed, len(self.ended), limit, self.plugin.max_failure_rate)
+            log.error("study %s: stopping, %d of %s failed (max_failures=%s, max_failure_rate=%s)",
+                      self.ledger.name, failed, plural(len(self.ended), "trial"), limit, self.plugin.max_failure_rate)
             return True
         return False
 
