@@ -23,8 +23,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pqsweep.console import plural
 from pqsweep.reports import pareto, seeds
-from pqsweep.reports.sweeps import Sweep, listing, load
+from pqsweep.reports.sweeps import Sweep, listing, load, variations
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.tracking import resolve_uri
@@ -92,7 +93,7 @@ def agreement(study, rows: list[Row], sweep: Sweep) -> str:
     ours = {int(r.run.data.tags["optuna_trial_number"]) for r in rows
             if r.sweep is sweep and r.front and "optuna_trial_number" in r.run.data.tags}
     if best == ours:
-        return f"Optuna's best_trials are this front ({len(best)} trials)"
+        return f"Optuna's best_trials are this front ({plural(len(best), 'trial')})"
     return (f"Optuna's best_trials differ from this front: only Optuna {sorted(best - ours)}, "
             f"only here {sorted(ours - best)}")
 
@@ -171,10 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     header, body = [c.header for c in columns], [[shown(r, c) for c in columns] for r in shown_rows]
 
     for sweep in sweeps:
-        print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id} "
+        print(f"sweep {sweep.name}: {plural(len(sweep.trials), 'trial')} under MLflow run {sweep.parent.info.run_id} "
               f"({sweep.parent.info.status})")
         if sweep.others:
-            print(f"  {len(sweep.others)} older sweep(s) of this name: pqsweep-report --run {sweep.others[0]} ...")
+            print(f"  {plural(len(sweep.others), 'older sweep')} of this name: pqsweep-report --run "
+                  f"{sweep.others[0]} ...")
+        others = variations(client, args.experiment, sweep.name)
+        if others:
+            print(f"  {plural(len(others), 'other study', 'other studies')} of this sweep file, with other settings: "
+                  f"{', '.join(others)} (pqsweep-report <name>)")
         if sweep.baseline is not None:
             b = sweep.baseline.data.metrics
             print(f"baseline (fp32, dense): top1 {b['top1']:.2f}%, size {b['size_mb']:.4f} MB, "
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     for sweep in sweeps:
         size = sum(r.front for r in rows if r.sweep is sweep)
         volume = f"hypervolume {volumes[sweep.name]:.6g}" if sweep.name in volumes else "no hypervolume"
-        print(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        print(f"front of {sweep.name} over {named}: {plural(size, 'trial')}, {volume}")
     print(f"  {reference}")
 
     if bounds:
@@ -223,12 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"{stem}.md").write_text(f"{title}\n\n" + markdown(seed_header, seed_body))
         written.append(out / f"{stem}.md")
     if written:
-        print(f"wrote {len(written)} files under {out}")
+        print(f"wrote {plural(len(written), 'file')} under {out}")
     if not args.no_log and len(sweeps) == 1:
         log_back(client, sweeps[0], rows, out, volumes.get(sweeps[0].name), reference, objectives)
     failed = sum(r.run.info.status == "FAILED" for r in rows)
     if failed:
-        print(f"{failed} trial(s) failed: see their `error` tag in MLflow", file=sys.stderr)
+        print(f"{plural(failed, 'trial')} failed: see their `error` tag in MLflow", file=sys.stderr)
 
 
 def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies) -> list[Path]:
