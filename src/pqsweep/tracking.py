@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pqsweep.metrics import VIEW
+from pqsweep.schema import StudyConfig
 from pqsweep.stores import absolute_uri, prepare_tracking_store, sqlite_file
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,18 @@ def setup(cfg: DictConfig) -> str:
 
 
 def description(cfg: DictConfig) -> str:
-    """The experiment's description, the experiments page's first words about it."""
+    """The experiment's description, the experiments page's first words about it: a study's own experiment names
+    its parent run; the default one (study.name unset, `adhoc`) holds single runs, sensitivity scans and
+    command-line grids, each grid a study named after its swept keys, so it names no one parent run."""
     name = cfg.tracking.experiment
-    return (f"Runs: click Model training (top left) once. The pqsweep study {name}: its trials are nested under "
-            f"the run sweep-{name} (+ unfolds them); the link the sweep printed opens its columns, and "
-            f"`pqsweep-report {name}` prints its table.")
+    if name == cfg.study.name != StudyConfig.name:
+        return (f"Runs: click Model training (top left) once. The pqsweep study {name}: its trials are nested under "
+                f"the run sweep-{name} (+ unfolds them); the link the sweep printed opens its columns, and "
+                f"`pqsweep-report {name}` prints its table.")
+    return (f"Runs: click Model training (top left) once. Runs of pqsweep outside a named study: single runs, "
+            f"sensitivity scans, and command-line grids (each a study named after its swept keys, e.g. "
+            f"pruning.amount+quantization, its trials nested under the run sweep-<that name>; + unfolds them). "
+            f"`pqsweep-report --list` lists the grids, `pqsweep-report <name>` prints one's table.")
 
 
 def share_view(experiment_id: str, objectives: list[str] | tuple[str, ...] = (), swept: tuple[str, ...] = ()) -> None:
