@@ -329,7 +329,7 @@ def test_what_it_prints_writes_and_says_on_stderr(store, tmp_path, capsys):
     # A's box 20 x 0.5, B's 10 x 0.8, their overlap 10 x 0.5, against (70, 1.0): 13
     assert lines[8:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
                          "  reference: top1=70 (worst trial), size_mb=1 (baseline)", f"wrote 3 files under {out_dir}"]
-    assert printed.err == "1 trial failed: see their `error` tag in MLflow\n"
+    assert printed.err == "1 trial failed: see its `error` tag in MLflow\n"
     assert sorted(p.name for p in out_dir.iterdir()) == ["table.csv", "table.md", "table.tex"]
 
 

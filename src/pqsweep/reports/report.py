@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         log_back(client, sweeps[0], rows, out, volumes.get(sweeps[0].name), reference, objectives)
     failed = sum(r.run.info.status == "FAILED" for r in rows)
     if failed:
-        print(f"{plural(failed, 'trial')} failed: see their `error` tag in MLflow", file=sys.stderr)
+        print(f"{plural(failed, 'trial')} failed: see {'its' if failed == 1 else 'their'} `error` tag in MLflow",
+              file=sys.stderr)
 
 
 def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies) -> list[Path]:
