@@ -4,7 +4,7 @@ A sweep's first trial trains the baseline that every later trial loads, and a gr
 prune stage one after another (pqsweep.identity.is_late), so its trials' times differ by 10x and more: the mean of
 the trials so far says ~20 min left after the first trial of a 3-min sweep. Here each trial reports what computing
 each stage took (pqsweep.cache.Stages.seconds, returned beside its metrics under `seconds.<stage>`); the rest of its
-time is its own (quantize, measure, log), which every trial pays. A trial still to run pays that own time, plus each
+time is its own (quantize, measure, log, and the sweeper's bookkeeping before the next), which every trial pays. A trial still to run pays that own time, plus each
 stage it will compute: one no trial before it (ended, or counted earlier in the estimate) has computed for the same
 values of the swept keys that shape the stage (`shaped_by`). A stage's cost is the mean of the times it took.
 
@@ -26,9 +26,10 @@ SECONDS = "seconds."  # the prefix of a trial's returned stage times: {"seconds.
 
 @dataclass
 class Ended:
-    seconds: float  # the trial's wall time, as the sweeper saw it
+    seconds: float  # the wall time it accounts for: since the trial before it ended, as the sweeper saw it
     stages: dict[str, float] = field(default_factory=dict)  # the stages it computed, and what each took
     point: dict[str, Any] | None = None  # its values of the swept keys
+    at: float = 0.0  # when it ended (time.monotonic())
 
 
 def stage_seconds(returned: dict) -> dict[str, float]:

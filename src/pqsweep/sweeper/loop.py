@@ -15,6 +15,7 @@ study what their tasks returned; until the grid or the budget is done, a failure
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -151,13 +152,16 @@ class Loop:
         (pqsweep.estimate: what the trials to come will compute, the stages they load from the cache not counted)."""
         done, total = len(self.ended), max(self.total, len(self.ended))
         began, params = self.began.pop(number, (time.monotonic(), {}))
-        took = time.monotonic() - began
-        self.times.append(estimate.Ended(took, stages or {}, params))
+        now = time.monotonic()
+        took, since = now - began, now - (self.times[-1].at if self.times else self.started)
+        # the time since the last trial ended, not the trial's own: the bookkeeping between trials counts too, and
+        # trials run side by side (a joblib launcher) share it
+        self.times.append(estimate.Ended(since, stages or {}, params, at=now))
         point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
         result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else f"FAILED ({reason[:80]})"
         line = f"trial {done}/{total} · {point} · {result} · {duration(took)}"
         if done < total:
-            left = estimate.remaining(self.times, self.to_come(total - done), self.shaped_by())
+            left = estimate.remaining(self.times, self.to_come(total - done), self.shaped_by)
             line += f" · ~{duration(left)} left"
         log.info("%s", line)
 
@@ -170,13 +174,10 @@ class Loop:
                    if self.space.key(p) not in self.attempted]
         return ([params for _, params in self.began.values()] + untried)[:n]
 
+    @functools.cached_property
     def shaped_by(self) -> dict[str, tuple[str, ...]]:
         """Per stage, the swept keys that shape it (computed once: it reads the whole config per key)."""
-        if not hasattr(self, "_shaped_by"):
-            config = self.plugin.config
-            self._shaped_by = {stage: identity.swept_shaping(config, self.space.swept, stage)
-                               for stage in STAGES}
-        return self._shaped_by
+        return {stage: identity.swept_shaping(self.plugin.config, self.space.swept, stage) for stage in STAGES}
 
     def abandon(self, launched: list, status: str, reason: str) -> None:
         """The trials in flight when the sweep stopped: FAIL in Optuna (a resume reruns them), `status` in MLflow;

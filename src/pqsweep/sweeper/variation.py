@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 
 from hydra.types import RunMode
@@ -27,6 +28,8 @@ from omegaconf import DictConfig
 
 from pqsweep import identity
 from pqsweep.sweeper.space import SEED
+
+log = logging.getLogger(__name__)
 
 NAMING = ("study.name", "hydra.sweeper.study_name")  # typed: the command names its study itself
 # the reference command: the sweep file, at the command's scale, found where the command finds it
@@ -88,19 +91,24 @@ def name_for(plugin, name: str, swept: list[str]) -> tuple[str, str]:
     sweep_file = config.hydra.runtime.choices.get("sweep")
     if sweep_file in (None, "null") or typed_name(config):
         return name, ""
-    reference = plugin.hydra_context.config_loader.load_configuration(
-        config_name=config.hydra.job.config_name, overrides=reference_overrides(config), run_mode=RunMode.MULTIRUN)
-    if reference.study.name != name:  # the command's name is not the file's own (an interpolation it changed)
+    try:
+        reference = plugin.hydra_context.config_loader.load_configuration(
+            config_name=config.hydra.job.config_name, overrides=reference_overrides(config), run_mode=RunMode.MULTIRUN)
+        if reference.study.name != name:  # the command's name is not the file's own (an interpolation it changed)
+            return name, ""
+        held = identity.fixed_settings(reference, swept)
+    except Exception:  # noqa: BLE001 - the file alone does not compose (it needs a value the command gives): as before
+        log.debug("sweep=%s alone does not compose; the study keeps the file's name", sweep_file, exc_info=True)
         return name, ""
-    differing = differences(identity.fixed_settings(config, swept), identity.fixed_settings(reference, swept))
+    differing = differences(identity.fixed_settings(config, swept), held)
     extra = [k for k in swept if k not in (reference.hydra.sweeper.params or {}) and k != SEED]
     if not differing and not extra:
         return name, ""
     choices = {g: str(c) for g, c in config.hydra.runtime.choices.items()
                if reference.hydra.runtime.choices.get(g) != c and "/" not in g}
     variation = name + suffix(differing, choices, extra)
-    held = ", ".join(dict.fromkeys(k.split(".", 1)[0] if k.split(".", 1)[0] in choices else k for k in differing))
-    why = " and ".join(part for part in (f"holds other {held}" if held else "",
+    shown = ", ".join(dict.fromkeys(k.split(".", 1)[0] if k.split(".", 1)[0] in choices else k for k in differing))
+    why = " and ".join(part for part in (f"holds other {shown}" if shown else "",
                                          f"also sweeps {', '.join(extra)}" if extra else "") if part)
     return variation, (f"study {variation}: this command {why} than sweep={sweep_file}, so it runs in a study of its "
                        f"own and `pqsweep -m sweep={sweep_file}` keeps study {name} (study.name=<name> names it "
