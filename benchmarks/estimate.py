@@ -27,7 +27,8 @@ from timed_sweep import ROOT, run_sweep  # noqa: E402
 
 STAMP = r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] "
 PLAN = re.compile(STAMP + r"study \S+ in .*: \d+ grid points?, ", re.M)
-TRIAL = re.compile(STAMP + r"trial (\d+)/(\d+) · .*? · ([\d.]+ (?:s|min|h))(?: · ~([\d.]+ (?:s|min|h)) left)?$", re.M)
+DURATION = r"[\d.]+ (?:s|min|h)"
+TRIAL = re.compile(STAMP + rf"trial (\d+)/(\d+) · .*? · ({DURATION})(?: · ~({DURATION}) left)?$", re.M)
 END = re.compile(STAMP + r"study \S+: this run: ", re.M)
 
 

@@ -2,11 +2,12 @@
 
 A sweep's first trial trains the baseline that every later trial loads, and a grid runs the points that share a
 prune stage one after another (pqsweep.identity.is_late), so its trials' times differ by 10x and more: the mean of
-the trials so far says ~20 min left after the first trial of a 3-min sweep. Here each trial reports what computing
-each stage took (pqsweep.cache.Stages.seconds, returned beside its metrics under `seconds.<stage>`); the rest of its
-time is its own (quantize, measure, log, and the sweeper's bookkeeping before the next), which every trial pays. A trial still to run pays that own time, plus each
-stage it will compute: one no trial before it (ended, or counted earlier in the estimate) has computed for the same
-values of the swept keys that shape the stage (`shaped_by`). A stage's cost is the mean of the times it took.
+the trials so far said ~32 min left after the first trial of a 3-min sweep. Here each trial reports what computing
+each stage took (pqsweep.cache.Stages.seconds, returned beside its metrics under `seconds.<stage>`); the rest of the
+time it accounts for is its own (quantize, measure, log, and the sweeper's bookkeeping before it), which every trial
+pays. A trial still to run pays the mean own time, plus each stage it will compute: one no trial before it (ended,
+or counted earlier in the estimate) has computed for the same values of the swept keys that shape the stage
+(`shaped_by`). A stage's cost is the mean of the times it took.
 
     left = remaining([Ended(95.0, {"baseline": 80.0, "prune": 12.0}, {"pruning.amount": 0.5})],
                      to_come=[{"pruning.amount": 0.9}], shaped_by={"baseline": (), "prune": ("pruning.amount",)})
