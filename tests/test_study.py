@@ -363,7 +363,7 @@ hydra:
 """
 
 
-def file_sweep(tmp_path: Path, *args: str) -> str:
+def file_sweep(tmp_path: Path, *args: str, rc: int = 0) -> str:
     """`pqsweep -m sweep=tiny_grid ...`, the tiny sweep file found on hydra.searchpath; its places (stores, cache)
     are no setting of the study, so they make no variation."""
     (tmp_path / "conf" / "sweep").mkdir(parents=True, exist_ok=True)
@@ -371,7 +371,7 @@ def file_sweep(tmp_path: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "pqsweep.cli", "-m", f"hydra.searchpath=[file://{tmp_path}/conf]",
                            "sweep=tiny_grid", *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                            f"cache.dir={tmp_path}/cache"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.returncode == rc, (done.stdout + done.stderr)[-3000:]
     return done.stdout + done.stderr
 
 
@@ -385,6 +385,9 @@ def test_a_variation_of_a_sweep_file_lands_apart_the_files_command_then_runs_and
     default = file_sweep(tmp_path)  # what a new user runs next: not refused, its own study
     assert "study tiny_grid in " in default and "2 grid points, 0 done, 2 to run" in default
     assert "tiny_grid@" not in default
+    # the file's name typed by hand is taken as typed: that study holds other settings, so the command is refused
+    refused = file_sweep(tmp_path, "train.finetune_epochs=2", "study.name=tiny_grid", rc=1)
+    assert "pqsweep: error: study tiny_grid holds train.finetune_epochs=1 (this command: 2)" in refused
 
     again = file_sweep(tmp_path, "train.finetune_epochs=2")  # the same command finds its study again: a resume
     assert f"study {name} in " in again and "2 grid points, 2 done, 0 to run" in again and "Launching" not in again
@@ -398,6 +401,8 @@ def test_a_variation_of_a_sweep_file_lands_apart_the_files_command_then_runs_and
     assert parent.data.tags["sweep"] == name and parent.info.run_name == f"sweep-{name}"
     trials = client.search_runs([experiment.experiment_id], "tags.stage = 'trial'")
     assert {r.data.params["train.finetune_epochs"] for r in trials} == {"2"} and len(trials) == 2
+    (baseline,) = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")  # logged by a trial
+    assert baseline.data.tags["sweep"] == name
 
     typed = file_sweep(tmp_path, "train.finetune_epochs=2", "study.name=mine")  # a typed name is taken as typed
     assert "study mine in " in typed and "in a study of its own" not in typed
