@@ -82,7 +82,8 @@ class Sweep:
 
 def pinned(threads: int) -> dict[str, str]:
     """The environment of a benchmarked process: torch (and MKL, if it is used) at `threads` threads."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # TQDM_DISABLE=0: the bars that pqsweep.console hides where there is no terminal, which logged_finetunes counts
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "0"}
 
 
 def run_sweep(overrides: list[str], work: Path, threads: int = 1, env: dict[str, str] | None = None) -> Sweep:

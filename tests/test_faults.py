@@ -60,7 +60,7 @@ def test_weights_left_non_finite_by_training_fail_it_though_the_loss_stayed_fini
     model = nn.Linear(4, 2)
     model.register_parameter("spare", nn.Parameter(torch.tensor([float("nan")])))  # trains, but no loss sees it
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-    with pytest.raises(Diverged, match=r"^probe: spare holds non-finite values after 1 epochs; lower the "):
+    with pytest.raises(Diverged, match=r"^probe: spare holds non-finite values after 1 epoch; lower the "):
         fit(model, data, compose_cfg().train, 1, desc="probe")
 
 
@@ -118,7 +118,7 @@ def test_a_sweep_records_its_diverged_trials_as_failed_and_keeps_them_off_the_fr
     rows = [line for line in report.stdout.splitlines() if line.rstrip().endswith(("FINISHED", "FAILED"))]
     assert len(rows) == 4 and [row.rstrip().endswith("FAILED") for row in rows].count(True) == 2
     assert all("*" not in row for row in rows if row.rstrip().endswith("FAILED"))
-    assert "2 trial(s) failed" in report.stderr
+    assert "2 trials failed: see their `error` tag" in report.stderr
 
 
 # --- stores that survive signals -----------------------------------------------------------------------------------

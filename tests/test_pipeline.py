@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pqsweep import measure, pipeline, tracking, weights
+from pqsweep import estimate, measure, pipeline, tracking, weights
 from pqsweep.cli import run_and_log
 from pqsweep.identity import stage_key
 from pqsweep.metrics import METRICS
@@ -261,7 +261,10 @@ def runs(cfg, stage: str):
 
 def test_run_logs_metrics_params_tags_and_config(make_cfg):
     cfg = make_cfg("pruning=global_magnitude", "pruning.amount=0.5", "quantization=static_int8")
-    metrics = run_and_log(cfg)
+    returned = run_and_log(cfg)
+    # beside its metrics, what computing each stage took (for the sweep's estimate of the time left)
+    metrics = {k: v for k, v in returned.items() if not k.startswith(estimate.SECONDS)}
+    assert set(estimate.stage_seconds(returned)) == {"data", "baseline", "baseline_metrics", "prune"}
 
     elsewhere = {name(r) for r in EXTRA for name in (p50, p90)}  # measure.runtimes=[eager]: tests/test_runtimes.py
     assert set(METRICS) - {"export_max_abs_diff"} - elsewhere == set(metrics)  # export=none

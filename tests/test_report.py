@@ -96,7 +96,7 @@ def test_every_cell_is_its_runs_value(store, tmp_path, capsys):
             assert shown == fmt.format(expected), f"markdown column {name!r} of trial {number}"
     assert "sweep grid: 3 trials under MLflow run" in out.out
     assert "baseline (fp32, dense): top1 97.25%, size 0.0766 MB, gzip 0.0697 MB, p50 0.324 ms" in out.out
-    assert "1 trial(s) failed" in out.err
+    assert "1 trial failed: see its `error` tag" in out.err
 
 
 # --- the table's helpers, on runs built in memory ---------------------------------------------------------------

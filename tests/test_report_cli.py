@@ -182,7 +182,7 @@ def test_the_default_store_is_mlflow_db_in_the_working_directory(tmp_path, monke
     log_sweep(client, client.create_experiment("pqsweep"), "grid", [point("0.0", "none", "32")])
     mlflow.set_tracking_uri("file:///nowhere")  # main must set the URI itself
     report.main(["grid"])
-    assert "sweep grid: 1 trials" in capsys.readouterr().out
+    assert "sweep grid: 1 trial under" in capsys.readouterr().out
 
 
 def test_the_swept_keys_are_columns_and_what_only_says_where_or_follows_a_group_is_not(client, capsys):
@@ -313,9 +313,9 @@ def test_a_sweep_by_its_run_id_and_a_name_that_has_older_sweeps(store, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[:3] == [f"sweep hand: 2 trials under MLflow run {new} (FINISHED)",
                        "  ran on: data ?, scale ?, epochs ? baseline + ? fine-tune, seeds ?, weights ?",  # none logged
-                       f"  1 older sweep(s) of this name: pqsweep-report --run {old} ..."]
+                       f"  1 older sweep of this name: pqsweep-report --run {old} ..."]
     report.main(["--run", old, "--uri", uri, "--no-plots", "--no-log"])
-    assert capsys.readouterr().out.splitlines()[0] == f"sweep hand: 1 trials under MLflow run {old} (FINISHED)"
+    assert capsys.readouterr().out.splitlines()[0] == f"sweep hand: 1 trial under MLflow run {old} (FINISHED)"
     newest, _ = log_hand_sweep(client, client.create_experiment("other"), trials=HAND[:3])  # the same name elsewhere
     report.main(["hand", "--uri", uri, "--no-plots", "--no-log", "--experiment", "pqsweep"])
     assert capsys.readouterr().out.splitlines()[0] == f"sweep hand: 2 trials under MLflow run {new} (FINISHED)"
@@ -342,7 +342,7 @@ def test_what_it_prints_writes_and_says_on_stderr(store, tmp_path, capsys):
     # A's box 20 x 0.5, B's 10 x 0.8, their overlap 10 x 0.5, against (70, 1.0): 13
     assert lines[9:] == ["front of hand over top1 (max), size_mb (min): 2 trials, hypervolume 13",
                          "  reference: top1=70 (worst trial), size_mb=1 (baseline)", f"wrote 3 files under {out_dir}"]
-    assert printed.err == "1 trial(s) failed: see their `error` tag in MLflow\n"
+    assert printed.err == "1 trial failed: see its `error` tag in MLflow\n"
     assert sorted(p.name for p in out_dir.iterdir()) == ["table.csv", "table.md", "table.tex"]
 
 
@@ -357,7 +357,7 @@ def test_without_objectives_of_its_own_the_front_is_over_top1_and_size_and_nothi
     # no objective to maximise: the plots still show top1, against the first size minimised; no baseline to mark
     out = tmp_path / "out"
     report.main(["hand", "--uri", uri, "--no-log", "--out", str(out), "--objectives", "size_gzip_mb:min,size_mb:min"])
-    assert "front of hand over size_gzip_mb (min), size_mb (min): 1 trials" in capsys.readouterr().out
+    assert "front of hand over size_gzip_mb (min), size_mb (min): 1 trial" in capsys.readouterr().out
     assert {"top1_vs_size_gzip_mb.png", "report.html"} <= {p.name for p in out.iterdir()}
 
 

@@ -155,7 +155,7 @@ def test_real_sweeps_front_equals_optunas_best_trials_failures_stay_off_and_two_
                                 "tags.optuna_study = 'layers' and tags.stage = 'trial'")
     (failed,) = [r for r in layers if r.info.status == "FAILED"]
     assert failed.data.tags["pareto"] == "false"
-    assert capsys.readouterr().err.count("1 trial(s) failed") == 1
+    assert capsys.readouterr().err.count("1 trial failed") == 1
 
     report.main(["gm", "layers", "--uri", uri, "--out", str(tmp_path / "both")])
     out = capsys.readouterr().out

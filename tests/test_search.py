@@ -34,8 +34,10 @@ def sweep(tmp_path: Path, *args: str) -> str:
 
 
 def study(tmp_path: Path, name: str) -> optuna.Study:
+    """The study of `name`; of a sweep file run with TINY's settings, its variation's (`name@...`, its own study)."""
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
+    (found,) = [n for n in optuna.get_all_study_names(storage) if n == name or n.startswith(name + "@")]
+    return optuna.load_study(study_name=found, storage=storage)
 
 
 def trial_runs(tmp_path: Path) -> dict[int, mlflow.entities.Run]:

@@ -235,7 +235,7 @@ def test_the_baseline_says_in_its_log_and_its_cache_entry_what_it_did(make_cfg, 
         assert len(baseline(trained).history) == 1
     assert caplog.messages == [f"baseline {key}: train.epochs=0, the untrained model is the baseline",
                                f"baseline {key}: loaded from cache {path} (trained nothing)",
-                               f"baseline {stage_key(trained, 'baseline')}: not in cache, training 1 epochs"]
+                               f"baseline {stage_key(trained, 'baseline')}: not in cache, training 1 epoch"]
     # the entry says what it was trained from, for whoever opens the cache folder
     assert stage_entry(untrained, "baseline")["config"] == OmegaConf.to_yaml(untrained)
 

@@ -48,7 +48,7 @@ def interrupted(tmp_path: Path, *args: str, sig: int, after: int = 1, timeout: f
         text = (tmp_path / "interrupted.log").read_text()
         # ": top1 " is a run's own log line when it ends; the sweep's progress line after it reads "· top1 "
         finished, launched = text.count(": top1 "), text.count("Launching ")
-        if finished >= after and launched > finished and "evaluate:" in text.rsplit("Launching ", 1)[1]:
+        if finished >= after and launched > finished and "baseline_metrics" in text.rsplit("Launching ", 1)[1]:
             break  # a trial is in flight: its baseline was loaded and it is being measured or fine-tuned
         assert process.poll() is None, text[-3000:]
         time.sleep(0.05)
@@ -214,7 +214,7 @@ def test_a_spent_failure_budget_stops_the_sweep(tmp_path):
     grid = ["pruning=layer_magnitude", f"pruning.layer_amounts={files['bad']},{files['good1']},{files['good2']}",
             "hydra.sweeper.max_failures=1"]
     output = sweep(tmp_path, *grid, rc=1)
-    assert "stopping, 1 of 1 trials failed" in output and output.count("Launching ") == 1
+    assert "stopping, 1 of 1 trial failed" in output and output.count("Launching ") == 1
     (parent,) = runs(tmp_path, "sweep")
     assert parent.info.status == "FAILED"
 
@@ -343,3 +343,75 @@ def test_a_study_stays_in_the_mlflow_store_that_holds_its_parent_run(tmp_path):
     assert list(other.iterdir()) == []  # no second store
     again = sweep(tmp_path, *grid)  # back in its own store: resumed, nothing to run
     assert "2 grid points, 2 done, 0 to run" in again and len(runs(tmp_path, "sweep")) == 1
+
+
+# -- a variation of a sweep file: its own study, so the file's command still runs -----------------------------------
+
+TINY_FILE = """# @package _global_
+defaults:
+  - override /dataset: digits
+  - override /pruning: global_magnitude
+  - override /hydra/sweeper/sampler: grid
+study:
+  name: tiny_grid
+train: {epochs: 1, finetune_epochs: 1}
+measure: {warmup: 1, repeats: 2, top5: false}
+hydra:
+  sweeper:
+    params:
+      pruning.amount: choice(0, 0.5)
+"""
+
+
+def file_sweep(tmp_path: Path, *args: str, rc: int = 0) -> str:
+    """`pqsweep -m sweep=tiny_grid ...`, the tiny sweep file found on hydra.searchpath; its places (stores, cache)
+    are no setting of the study, so they make no variation."""
+    (tmp_path / "conf" / "sweep").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "sweep" / "tiny_grid.yaml").write_text(TINY_FILE)
+    done = subprocess.run([sys.executable, "-m", "pqsweep.cli", "-m", f"hydra.searchpath=[file://{tmp_path}/conf]",
+                           "sweep=tiny_grid", *args, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                           f"cache.dir={tmp_path}/cache"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == rc, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_a_variation_of_a_sweep_file_lands_apart_the_files_command_then_runs_and_the_variation_resumes(tmp_path):
+    tried = file_sweep(tmp_path, "train.finetune_epochs=2")
+    name = re.search(r"study (tiny_grid@\S+): this command holds other train.finetune_epochs than sweep=tiny_grid",
+                     tried).group(1)
+    assert re.fullmatch(r"tiny_grid@finetune_epochs-2\.[0-9a-f]{6}", name)
+    assert f"study {name} in " in tried and "2 grid points, 0 done, 2 to run" in tried
+
+    default = file_sweep(tmp_path)  # what a new user runs next: not refused, its own study
+    assert "study tiny_grid in " in default and "2 grid points, 0 done, 2 to run" in default
+    assert "tiny_grid@" not in default
+    # the file's name typed by hand is taken as typed: that study holds other settings, so the command is refused
+    refused = file_sweep(tmp_path, "train.finetune_epochs=2", "study.name=tiny_grid", rc=1)
+    assert "pqsweep: error: study tiny_grid holds train.finetune_epochs=1 (this command: 2)" in refused
+
+    again = file_sweep(tmp_path, "train.finetune_epochs=2")  # the same command finds its study again: a resume
+    assert f"study {name} in " in again and "2 grid points, 2 done, 0 to run" in again and "Launching" not in again
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    assert sorted(optuna.get_all_study_names(storage)) == ["tiny_grid", name]
+
+    # the experiment follows the study's name, and so do its parent run and its trials' runs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.stage = 'sweep'")
+    assert parent.data.tags["sweep"] == name and parent.info.run_name == f"sweep-{name}"
+    trials = client.search_runs([experiment.experiment_id], "tags.stage = 'trial'")
+    assert {r.data.params["train.finetune_epochs"] for r in trials} == {"2"} and len(trials) == 2
+    (baseline,) = client.search_runs([experiment.experiment_id], "tags.stage = 'baseline'")  # logged by a trial
+    assert baseline.data.tags["sweep"] == name
+
+    typed = file_sweep(tmp_path, "train.finetune_epochs=2", "study.name=mine")  # a typed name is taken as typed
+    assert "study mine in " in typed and "in a study of its own" not in typed
+    assert sorted(optuna.get_all_study_names(storage)) == ["mine", "tiny_grid", name]
+
+    # the report finds the file's study by its name and names its variations
+    report = subprocess.run([sys.executable, "-m", "pqsweep.reports.report", "tiny_grid", "--no-plots",
+                             "--uri", f"sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "sweep tiny_grid: 2 trials" in report.stdout
+    assert f"1 other study of this sweep file, with other settings: {name}" in report.stdout

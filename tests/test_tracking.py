@@ -192,3 +192,16 @@ def test_trials_logging_one_data_set_at_once_all_record_it(make_cfg):
         thread.join()
     assert errors == []
     assert all(len(client.get_run(run_id).inputs.dataset_inputs) == 3 for run_id in runs)
+
+
+def test_an_experiments_description_names_no_parent_run_that_does_not_exist(make_cfg):
+    # `adhoc` holds single runs, sensitivity scans and command-line grids (each a study named after its swept
+    # keys): there is no run sweep-adhoc to unfold
+    cfg = make_cfg()
+    experiment = MlflowClient().get_experiment(tracking.setup(cfg))
+    note = experiment.tags["mlflow.note.content"]
+    assert experiment.name == "adhoc" and "sweep-adhoc" not in note
+    assert "sweep-<that name>" in note and "pqsweep-report --list" in note
+    # a sweep file's study has its experiment, and its parent run is named after it
+    named = compose_cfg("sweep=mnist_cnn_sparsity_x_precision")
+    assert "nested under the run sweep-mnist_cnn_sparsity_x_precision " in tracking.description(named)

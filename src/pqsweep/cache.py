@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -162,6 +163,7 @@ class Stages:
     random: Randomness
     keys: dict[str, str | None] = field(default_factory=dict)
     cached: dict[str, bool] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # what computing each stage it computed took
 
     def __post_init__(self):
         self.keys = self.keys or stage_keys(self.cfg)
@@ -181,6 +183,7 @@ class Stages:
             value = self._loaded(stage, key, entries, load)  # a parallel trial may have computed it meanwhile
             if value is not NOT_LOADED:
                 return value
+            began = time.perf_counter()
             try:
                 value = compute()
             except Diverged as error:  # the same inputs diverge again: the trials that need this stage fail at once
@@ -194,6 +197,7 @@ class Stages:
                 self.random.reseed()
             if entry is not None and stage.cached:
                 entries.save(key, entry)
+            self.seconds[name] = time.perf_counter() - began  # the sweeper's estimate: what a later trial spares
         self.cached[name] = False
         return value
 

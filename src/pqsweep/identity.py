@@ -260,3 +260,17 @@ def is_late(cfg: DictConfig, key: str) -> bool:
     parts = tuple(key.split("."))
     found = [leaf for leaf in leaves(cfg) if leaf.path[:len(parts)] == parts or parts[:len(leaf.path)] == leaf.path]
     return bool(found) and not any(set(leaf.declared.stages) & EARLY for leaf in found)
+
+
+def swept_shaping(cfg: DictConfig, swept, stage: str) -> tuple[str, ...]:
+    """The swept keys whose fields shape `stage` or a stage it builds on: points that agree on these share its
+    cache entry (the sweeper's estimate of the time left counts a stage once per such group)."""
+    before = upstream(stage)
+    found = []
+    for key in swept:
+        parts = tuple(key.split("."))
+        near = [leaf for leaf in leaves(cfg) if leaf.path[:len(parts)] == parts or parts[:len(leaf.path)] == leaf.path]
+        # a key no schema field holds (a group's option, an added key): assumed to shape everything
+        if not near or any(set(leaf.declared.stages) & before for leaf in near):
+            found.append(key)
+    return tuple(found)

@@ -19,9 +19,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from pqsweep import early_stop, latency, measure
+from pqsweep import console, early_stop, latency, measure
 from pqsweep.cache import Randomness, Stages, Unfit
 from pqsweep.data import DataSplits, limited
 from pqsweep.options import RETRAINED, Export, Order
@@ -46,6 +45,7 @@ class RunResult:
     baseline: Baseline
     baseline_metrics: dict[str, float]
     stages_cached: dict[str, bool] = field(default_factory=dict)  # {"prune": True, ...}: loaded, computed nothing
+    stages_seconds: dict[str, float] = field(default_factory=dict)  # {"baseline": 95.2, ...}: those it computed
     data: dict[str, int] = field(default_factory=dict)  # split sizes and image shape (describe_data)
     model: nn.Module | None = None  # the model as deployed, kept only where tracking.log_model asks for it
     example: torch.Tensor | None = None  # one test input, beside `model`
@@ -104,7 +104,7 @@ def baseline(cfg: DictConfig, stages: Stages, model: nn.Module, loaders: dict[st
         if cfg.train.epochs == 0:
             log.info("baseline %s: train.epochs=0, the untrained model is the baseline", key)
         else:
-            log.info("baseline %s: not in cache, training %d epochs", key, cfg.train.epochs)
+            log.info("baseline %s: not in cache, training %s", key, console.plural(cfg.train.epochs, "epoch"))
         history = fit(model, loaders["train"], cfg.train, cfg.train.epochs, device=cfg.device, desc="baseline")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return {"state_dict": state, "history": history, "config": OmegaConf.to_yaml(cfg)}
@@ -122,7 +122,7 @@ def rewound(cfg: DictConfig, stages: Stages, model: nn.Module, initial_state: di
     k = int(cfg.pruning.rewind_epoch)
 
     def replay() -> dict:
-        log.info("rewind %s: replaying the baseline's first %d epoch(s)", stages.keys["rewind"], k)
+        log.info("rewind %s: replaying the baseline's first %s", stages.keys["rewind"], console.plural(k, "epoch"))
         replica = copy.deepcopy(model)
         replica.load_state_dict(initial_state)
         now = torch.get_rng_state()
@@ -234,7 +234,7 @@ def compress(cfg: DictConfig, stages: Stages, model: nn.Module, ctx: Context) ->
 
 
 def evaluate(model: nn.Module, loader: DataLoader, desc: str) -> dict[str, float]:
-    with tqdm(total=len(loader), desc=desc, unit="batch", leave=False) as bar:
+    with console.bar(total=len(loader), desc=desc, unit="batch") as bar:
         return measure.accuracy(model, loader, progress=bar)
 
 
@@ -322,5 +322,5 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
     metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
     metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
-    return RunResult(metrics, base, reference, dict(stages.cached), describe_data(splits),
+    return RunResult(metrics, base, reference, dict(stages.cached), dict(stages.seconds), describe_data(splits),
                      deployed if kept else None, example if kept else None, tags, baseline_tags, ctx.epochs_run)

@@ -26,7 +26,7 @@ import hydra
 from hydra.utils import execution_whitelist, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep import helptext, interrupts
+from pqsweep import console, helptext, interrupts
 from pqsweep.preflight import CONFIG_MODULE, preflight
 from pqsweep.schema import register
 from pqsweep.checks import TRUSTED_TARGETS, ConfigError
@@ -102,13 +102,12 @@ def measure_curves(cfg: DictConfig, model, loader, ctx, base):
     from pqsweep import measure
     from pqsweep.reports.sensitivity import ALL_LAYERS, Curves
     from pqsweep.weights import prunable_layers
-    from tqdm.auto import tqdm
 
     curves = Curves(measure.accuracy(model, loader)["top1"], base.key, base.cached)
     amounts = sorted(float(a) for a in cfg.sensitivity.amounts)
     layers = [(name, module) for name, module in prunable_layers(model)]
     unchanged, seen = _signature(model), {}
-    with tqdm(total=(len(layers) + 1) * len(amounts), desc="sensitivity", unit="point", leave=False) as bar:
+    with console.bar(total=(len(layers) + 1) * len(amounts), desc="sensitivity", unit="point") as bar:
         for layer, module in layers:
             rows = []
             for amount in amounts:
@@ -175,7 +174,7 @@ def run_and_log(cfg: DictConfig):
         series = [Metric(f"top1/{_key(r['layer'])}", r["top1"], 0, round(100 * r["amount"])) for r in curves.rows]
         for start in range(0, len(series), 1000):  # MLflow takes at most 1000 metrics per batch
             client.log_batch(run_id, metrics=series[start : start + 1000])
-    log.info("sensitivity run %s: %d points, amounts written to %s", run_id, len(curves.rows), output)
+    log.info("sensitivity run %s: %s, amounts written to %s", run_id, console.plural(len(curves.rows), "point"), output)
     return curves, amounts, output
 
 

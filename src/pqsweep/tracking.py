@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pqsweep.schema import StudyConfig
 from pqsweep.stores import absolute_uri, prepare_tracking_store, sqlite_file
 from pqsweep.view import share_view
 
@@ -63,11 +64,18 @@ def setup(cfg: DictConfig) -> str:
 
 
 def description(cfg: DictConfig) -> str:
-    """The experiment's description, the experiments page's first words about it."""
+    """The experiment's description, the experiments page's first words about it: a study's own experiment names
+    its parent run; the default one (study.name unset, `adhoc`) holds single runs, sensitivity scans and
+    command-line grids, each grid a study named after its swept keys, so it names no one parent run."""
     name = cfg.tracking.experiment
-    return (f"Runs: click Model training (top left) once. The pqsweep study {name}: the link the sweep printed opens "
-            f"its trials sorted by its first objective, their front tagged `pareto`, and a scatter of its objectives "
-            f"under Chart; `pqsweep-report {name}` prints its table.")
+    if name == cfg.study.name != StudyConfig.name:
+        return (f"Runs: click Model training (top left) once. The pqsweep study {name}: the link the sweep printed "
+                f"opens its trials sorted by its first objective, their front tagged `pareto`, and a scatter of its "
+                f"objectives under Chart; `pqsweep-report {name}` prints its table.")
+    return ("Runs: click Model training (top left) once. Runs of pqsweep outside a named study: single runs, "
+            "sensitivity scans, and command-line grids (each a study named after its swept keys, e.g. "
+            "pruning.amount+quantization, with its parent run sweep-<that name>). `pqsweep-report --list` lists the "
+            "grids, `pqsweep-report <name>` prints one's table.")
 
 
 def log_batch(client: MlflowClient, run_id: str, params=None, metrics=None, tags=None) -> None:

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from pqsweep import console
 from pqsweep.checks import TRUSTED_TARGETS, ConfigError
 from pqsweep.weights import apply_masks, zero_masks
 
@@ -197,38 +197,38 @@ def fit(
     model.eval()
     unfinished = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if unfinished is not None:
-        raise Diverged(f"{desc}: {unfinished} holds non-finite values after {epochs} epochs; lower the learning rate")
+        raise Diverged(f"{desc}: {unfinished} holds non-finite values after {console.plural(epochs, 'epoch')}; lower the learning rate")
     return history
 
 
 def _epochs(model, loader, optimizer, scheduler, epochs, desc, device, loss_of, before_step, after_step, after_epoch):
     """fit's loop, each step's loss `loss_of(model, x, y)`; returns the mean loss of each epoch."""
     history = []
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False)
-    for epoch in bar:
-        total, count = 0.0, 0
-        for step, (x, y) in enumerate(loader, 1):
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(model, x, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
-                               f"lower the learning rate")
-            loss.backward()
-            if before_step is not None:
-                before_step()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            total += value * len(y)
-            count += len(y)
-        if scheduler is not None:
-            scheduler.step()
-        history.append(total / count)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-        if after_epoch is not None:
-            after_epoch(model, epoch + 1, epochs)
+    with console.bar(range(epochs), desc=desc, unit="epoch") as bar:
+        for epoch in bar:
+            total, count = 0.0, 0
+            for step, (x, y) in enumerate(loader, 1):
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_of(model, x, y)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise Diverged(f"{desc}: the loss was {value} at epoch {epoch + 1} of {epochs}, step {step}; "
+                                   f"lower the learning rate")
+                loss.backward()
+                if before_step is not None:
+                    before_step()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                total += value * len(y)
+                count += len(y)
+            if scheduler is not None:
+                scheduler.step()
+            history.append(total / count)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if after_epoch is not None:
+                after_epoch(model, epoch + 1, epochs)
     return history
 
 

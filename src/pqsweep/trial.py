@@ -19,7 +19,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pqsweep import early_stop, identity, pipeline, records, tracking, view
+from pqsweep import early_stop, estimate, identity, pipeline, records, tracking, view
 from pqsweep.cache import store
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def run(cfg: DictConfig, trial_number: str | None = None) -> dict[str, float]:
              run_id, m["top1"], m["top1_delta"], m["size_mb"], m["size_gzip_mb"], m["sparsity"], m["latency_ms_p50"])
     if not launched and tracking.PARENT_ENV not in os.environ:  # a sweep's own line says where its trials are
         log.info("in MLflow: %s", view.ui_link(active.info.experiment_id, run_id))
-    return result.metrics
+    # beside the metrics (never logged as metrics): what computing each stage took, for the sweep's estimate
+    return result.metrics | {estimate.SECONDS + stage: s for stage, s in result.stages_seconds.items()}
 
 
 def masked(cfg: DictConfig) -> DictConfig:

@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from pqsweep.console import plural
 from pqsweep.quantization.adaround import layer_function
 from pqsweep.quantization.fake_quant import layer_inputs
 
@@ -74,7 +75,7 @@ def equalize(model: fx.GraphModule) -> list[list[str]]:
     pairs = equalizable_pairs(model)
     if pairs:
         torch_equalize(model, pairs, threshold=1e-4, inplace=True)
-    log.info("equalize: %d pair(s) of layers: %s", len(pairs), ", ".join("+".join(p) for p in pairs) or "none")
+    log.info("equalize: %s of layers: %s", plural(len(pairs), "pair"), ", ".join("+".join(p) for p in pairs) or "none")
     return pairs
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from optuna._hypervolume import compute_hypervolume  # private path, but the exact implementation Optuna itself uses
 
+from pqsweep.console import plural
+
 DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 
@@ -77,7 +79,7 @@ def _losses(row: list[float] | None, objectives: list[Objective]) -> tuple[float
     if row is None:
         return None
     if len(row) != len(objectives):
-        raise ValueError(f"a row has {len(row)} values for {len(objectives)} objectives")
+        raise ValueError(f"a row has {plural(len(row), 'value')} for {plural(len(objectives), 'objective')}")
     values = [_number(v) for v in row]
     if any(v is None for v in values):
         return None

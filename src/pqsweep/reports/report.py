@@ -27,8 +27,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pqsweep.console import plural
 from pqsweep.reports import pareto, provenance, seeds, speedups
-from pqsweep.reports.sweeps import Sweep, listing, load
+from pqsweep.reports.sweeps import Sweep, listing, load, variations
 from pqsweep.reports.table import (DEFAULT_OBJECTIVES, Row, column, compressed_by, default_columns, hypervolumes,
                                    latex, markdown, order, point, render, shown, values, within_budget, write_csv)
 from pqsweep.stores import sqlite_file
@@ -122,7 +123,7 @@ def agreement(study, rows: list[Row], sweep: Sweep) -> str:
     ours = {int(r.run.data.tags["optuna_trial_number"]) for r in rows
             if r.sweep is sweep and r.front and "optuna_trial_number" in r.run.data.tags}
     if best == ours:
-        return f"Optuna's best_trials are this front ({len(best)} trials)"
+        return f"Optuna's best_trials are this front ({plural(len(best), 'trial')})"
     return (f"Optuna's best_trials differ from this front: only Optuna {sorted(best - ours)}, "
             f"only here {sorted(ours - best)}")
 
@@ -214,11 +215,16 @@ def main(argv: list[str] | None = None) -> None:
 
     ran = {sweep.name: provenance.ran_on(sweep.trials) for sweep in sweeps}
     for sweep in sweeps:
-        print(f"sweep {sweep.name}: {len(sweep.trials)} trials under MLflow run {sweep.parent.info.run_id} "
+        print(f"sweep {sweep.name}: {plural(len(sweep.trials), 'trial')} under MLflow run {sweep.parent.info.run_id} "
               f"({sweep.parent.info.status})")
         print(f"  {ran[sweep.name].line()}")
         if sweep.others:
-            print(f"  {len(sweep.others)} older sweep(s) of this name: pqsweep-report --run {sweep.others[0]} ...")
+            print(f"  {plural(len(sweep.others), 'older sweep')} of this name: pqsweep-report --run "
+                  f"{sweep.others[0]} ...")
+        others = variations(client, args.experiment, sweep.name)
+        if others:
+            print(f"  {plural(len(others), 'other study', 'other studies')} of this sweep file, with other settings: "
+                  f"{', '.join(others)} (pqsweep-report <name>)")
         if sweep.baseline is not None:
             b = sweep.baseline.data.metrics
             print(f"baseline (fp32, dense): top1 {b['top1']:.2f}%, size {b['size_mb']:.4f} MB, "
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                                             ran[sweep.name])
         if chance:
             volume = f"no hypervolume: {chance}"
-        fronts.append(f"front of {sweep.name} over {named}: {size} trials, {volume}")
+        fronts.append(f"front of {sweep.name} over {named}: {plural(size, 'trial')}, {volume}")
         print(fronts[-1])
     print(f"  {reference}")
     for sweep in sweeps:
@@ -283,12 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"{stem}.md").write_text(f"{title}\n\n" + markdown(seed_header, seed_body))
         written.append(out / f"{stem}.md")
     if written:
-        print(f"wrote {len(written)} files under {out}")
+        print(f"wrote {plural(len(written), 'file')} under {out}")
     if not args.no_log and len(sweeps) == 1:
         log_back(client, sweeps[0], rows, out, volumes.get(sweeps[0].name), reference, objectives)
     failed = sum(r.run.info.status == "FAILED" for r in rows)
     if failed:
-        print(f"{failed} trial(s) failed: see their `error` tag in MLflow", file=sys.stderr)
+        print(f"{plural(failed, 'trial')} failed: see {'its' if failed == 1 else 'their'} `error` tag in MLflow",
+              file=sys.stderr)
 
 
 def write_outputs(args, out: Path, columns, rows, shown_rows, header, body, sweeps, objectives, studies,

@@ -80,6 +80,12 @@ def load(client: MlflowClient, experiment: str | None, name: str | None = None, 
         found, others = parent, []
     else:
         runs = parents(client, experiment, name)
+        found = [] if runs or name is None else variations(client, experiment, name)
+        if len(found) == 1:  # only a variation of the sweep file ran here: it is the one meant
+            runs = parents(client, experiment, found[0])
+        elif found:
+            raise SystemExit(f"pqsweep-report: no sweep {name!r} of the file's own settings at "
+                             f"{mlflow.get_tracking_uri()}; its variations: {', '.join(found)} (pqsweep-report <name>)")
         if not runs:
             known = sorted({r.data.tags.get("sweep", "?") for r in parents(client, experiment)})
             where = f"in experiment {experiment!r} " if experiment else ""
@@ -90,6 +96,15 @@ def load(client: MlflowClient, experiment: str | None, name: str | None = None, 
                                 max_results=50000)
     return Sweep(found.data.tags.get("sweep", name or found.info.run_id), found, trials,
                  baseline_of(client, found.info.experiment_id, trials), others)
+
+
+def variations(client: MlflowClient, experiment: str | None, name: str) -> list[str]:
+    """The studies run from sweep file `name` with other settings (pqsweep.sweeper.variation: `name@...`)."""
+    base = name.split("@", 1)[0]
+    # LIKE's _ matches any one character: the prefix is checked again here
+    runs = client.search_runs(experiment_ids(client, experiment), f"tags.stage = 'sweep' and tags.sweep LIKE "
+                              f"'{base}@%'", max_results=50000)
+    return sorted({r.data.tags["sweep"] for r in runs if r.data.tags["sweep"].startswith(base + "@")} - {name})
 
 
 def baseline_of(client: MlflowClient, experiment: str, trials: list[Run]) -> Run | None:

@@ -4,18 +4,20 @@ Every refusal (a bad constraint, a point outside the grid, a changed setting) co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
 import optuna
 from hydra.utils import instantiate
-from omegaconf import ListConfig
+from omegaconf import ListConfig, open_dict
 
 from pqsweep import identity, tracking
 from pqsweep.metrics import METRICS, directions
 from pqsweep.reports.pareto import parse_bounds
 from pqsweep.sweeper import space as spaces
 from pqsweep.sweeper import study as studies
+from pqsweep.sweeper import variation
 from pqsweep.sweeper.ledger import Ledger, constraint_name
 from pqsweep.sweeper.space import Space, StudyMismatch
 
@@ -66,6 +68,12 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
         log.info("%s", line)
     if name == ADHOC and space.swept:
         name = "+".join(space.swept)
+    name, why = variation.name_for(plugin, name, space.swept)
+    if why:  # its trials, its experiment (tracking.experiment: ${study.name}) and its sweep folder follow the name
+        log.info("%s", why)
+        with open_dict(config):
+            config.study.name = name
+        space = dataclasses.replace(space, overrides=space.overrides + (f"study.name={name}",))
     if bounds and "constraints_func" not in config.hydra.sweeper.sampler:
         log.warning("study.constraints %s: not followed by the %s sampler, which runs its trials whatever they "
                     "measure (their constraint values are recorded); tpe and nsgaii spend their trials within "

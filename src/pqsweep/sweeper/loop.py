@@ -15,6 +15,7 @@ study what their tasks returned; until the grid or the budget is done, a failure
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -28,7 +29,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from pqsweep import interrupts, view
+from pqsweep import estimate, identity, interrupts, view
+from pqsweep.console import duration, plural, say_launches_right
+from pqsweep.stages import STAGES
 from pqsweep.sweeper import space as spaces
 from pqsweep.sweeper import study as studies
 from pqsweep.sweeper import watch
@@ -42,14 +45,8 @@ log = logging.getLogger("pqsweep.sweeper")
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def duration(seconds: float) -> str:
-    """A duration as a person reads it: 42 s, 3.5 min, 1.2 h."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def sweep(plugin, arguments: list[str]) -> None:
+    say_launches_right()
     try:
         space, ledger = prepare(plugin, arguments)
     except StudyMismatch as mismatch:  # before anything is written
@@ -75,6 +72,7 @@ class Loop:
         self.began: dict[int, tuple[float, dict]] = {}  # trial number -> (its start, its point), for the progress line
         self.total, self.started = 0, time.monotonic()  # trials this run is to end, and since when (set by run)
         self.poll = 1.0  # s between looks at other workers' trials, while this one waits for them
+        self.times: list[estimate.Ended] = []  # this run's ended trials, for the estimate of the time left
 
     # -- asking for trials ---------------------------------------------------------------------------------------
 
@@ -158,19 +156,41 @@ class Loop:
         else:
             values = self.ledger.complete(trial, metrics)
         self.ended.append((trial.number, "FAILED" if values is None else "FINISHED", reason))
-        self.progress(trial.number, values, reason)
+        self.progress(trial.number, values, reason, estimate.stage_seconds(metrics or {}))
 
-    def progress(self, number: int, values: list[float] | None, reason: str) -> None:
-        """One line per ended trial: how far this run is, the trial's point and result, its time, the time left."""
+    def progress(self, number: int, values: list[float] | None, reason: str,
+                 stages: dict[str, float] | None = None) -> None:
+        """One line per ended trial: how far this run is, the trial's point and result, its time, the time left
+        (pqsweep.estimate: what the trials to come will compute, the stages they load from the cache not counted)."""
         done, total = len(self.ended), max(self.total, len(self.ended))
         began, params = self.began.pop(number, (time.monotonic(), {}))
+        now = time.monotonic()
+        took, since = now - began, now - (self.times[-1].at if self.times else self.started)
+        # the time since the last trial ended, not the trial's own: the bookkeeping between trials counts too, and
+        # trials run side by side (a joblib launcher) share it
+        self.times.append(estimate.Ended(since, stages or {}, params, at=now))
         point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
         result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else \
             reason if reason.startswith("stopped") else f"FAILED ({reason[:80]})"
-        line = f"trial {done}/{total} · {point} · {result} · {duration(time.monotonic() - began)}"
+        line = f"trial {done}/{total} · {point} · {result} · {duration(took)}"
         if done < total:
-            line += f" · ~{duration((time.monotonic() - self.started) / done * (total - done))} left"
+            left = estimate.remaining(self.times, self.to_come(total - done), self.shaped_by)
+            line += f" · ~{duration(left)} left"
         log.info("%s", line)
+
+    def to_come(self, n: int) -> list[dict | None]:
+        """The `n` points this run has still to end: those in flight, then the grid's untried ones (a sampler's
+        next points are not known: None)."""
+        if not self.space.grid:
+            return [None] * n
+        untried = [p for p in spaces.remaining(self.space, self.ledger.params(TrialState.COMPLETE))
+                   if self.space.key(p) not in self.attempted]
+        return ([params for _, params in self.began.values()] + untried)[:n]
+
+    @functools.cached_property
+    def shaped_by(self) -> dict[str, tuple[str, ...]]:
+        """Per stage, the swept keys that shape it (computed once: it reads the whole config per key)."""
+        return {stage: identity.swept_shaping(self.plugin.config, self.space.swept, stage) for stage in STAGES}
 
     def abandon(self, launched: list, status: str, reason: str) -> None:
         """The trials in flight when the sweep stopped: FAIL in Optuna (a resume reruns them), `status` in MLflow;
@@ -235,7 +255,7 @@ class Loop:
             raise
         failed = [e for e in self.ended if e[1] in ("FAILED", "KILLED")]
         if self.out_of_budget():
-            ledger.close("FAILED", f"stopped: {len(failed)} failed trials")
+            ledger.close("FAILED", f"stopped: {plural(len(failed), 'failed trial')}")
         elif not ledger.running():
             ledger.close("FINISHED")
         else:
@@ -258,11 +278,11 @@ class Loop:
         worker that outlives another reruns its points; returns how many were failed (and will run again)."""
         completed, failed = self.ledger.reap()
         if failed:
-            log.warning("study %s: %d trial(s) left RUNNING by a dead process: failed, their runs KILLED, rerun",
-                        self.ledger.name, failed)
+            log.warning("study %s: %s left RUNNING by a dead process: failed, their runs KILLED, rerun",
+                        self.ledger.name, plural(failed, "trial"))
         if completed:
-            log.warning("study %s: %d trial(s) of a dead process had finished their run: COMPLETE from its metrics",
-                        self.ledger.name, completed)
+            log.warning("study %s: %s of a dead process had finished their run: COMPLETE from its metrics",
+                        self.ledger.name, plural(completed, "trial"))
         return failed
 
     def out_of_budget(self) -> bool:
@@ -271,8 +291,8 @@ class Loop:
             return False
         limit = self.plugin.max_failures
         if (limit is not None and failed >= limit) or failed / len(self.ended) > self.plugin.max_failure_rate:
-            log.error("study %s: stopping, %d of %d trials failed (max_failures=%s, max_failure_rate=%s)",
-                      self.ledger.name, failed, len(self.ended), limit, self.plugin.max_failure_rate)
+            log.error("study %s: stopping, %d of %s failed (max_failures=%s, max_failure_rate=%s)",
+                      self.ledger.name, failed, plural(len(self.ended), "trial"), limit, self.plugin.max_failure_rate)
             return True
         return False
 

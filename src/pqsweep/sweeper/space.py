@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution,
                                   distribution_to_json)
 
+from pqsweep.console import plural
+
 
 class StudyMismatch(Exception):
     """The command asks for what its study cannot be or hold; the message is one line, and nothing was written."""
@@ -218,8 +220,8 @@ def plan(space: Space, complete: list[dict[str, Any]], n_trials: int) -> str:
     if space.grid:
         todo = len(remaining(space, complete))
         total = len(space.points())
-        return f"{total} grid points, {total - todo} done, {todo} to run"
-    return f"{len(complete)} of n_trials={n_trials} trials done"
+        return f"{plural(total, 'grid point')}, {total - todo} done, {todo} to run"
+    return f"{len(complete)} of n_trials={plural(n_trials, 'trial')} done"
 
 
 def grid_tag(space: Space) -> str:
