@@ -202,6 +202,7 @@ def test_an_experiments_description_names_no_parent_run_that_does_not_exist(make
     note = experiment.tags["mlflow.note.content"]
     assert experiment.name == "adhoc" and "sweep-adhoc" not in note
     assert "sweep-<that name>" in note and "pqsweep-report --list" in note
-    # a sweep file's study has its experiment, and its parent run is named after it
+    # a sweep file's study has its experiment, which says where its table and front are
     named = compose_cfg("sweep=mnist_cnn_sparsity_x_precision")
-    assert "nested under the run sweep-mnist_cnn_sparsity_x_precision " in tracking.description(named)
+    assert "The pqsweep study mnist_cnn_sparsity_x_precision: the link" in tracking.description(named)
+    assert "pqsweep-report mnist_cnn_sparsity_x_precision" in tracking.description(named)
