@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/early_stop.py                       # 3 seeds x 24 trials, 8 fine-tune epochs
     .venv/bin/python benchmarks/early_stop.py --seeds 0 --trials 16  # a quick look
+    .venv/bin/python benchmarks/early_stop.py --settings study.early_stop.margin=0 study.early_stop.min_trials=2 \
+        --csv results/early_stop_aggressive.csv                     # a rule that stops more
 
 Each seed runs sweeps/mnist_cnn_pareto_nsgaii.yaml (pruning global_magnitude | l1_filter, amount in [0, 0.99],
 quantization none | fp16 | static_int8 | fake_quant with bits_w 2..8) twice at the same sampler seed, with
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--epochs", type=int, default=8, help="train.finetune_epochs")
+    parser.add_argument("--settings", nargs="*", default=[], help="more study.early_stop overrides, e.g. "
+                        "study.early_stop.margin=0 study.early_stop.min_trials=2")
     parser.add_argument("--csv", default=str(ROOT / "results" / "early_stop.csv"))
     args = parser.parse_args(argv)
     common = [SWEEP, f"train.finetune_epochs={args.epochs}", f"hydra.sweeper.n_trials={args.trials}",
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         run([str(BIN / "pqsweep"), "experiment=mnist_cnn", "pruning=none", "quantization=none", *stores(base)], base)
         for seed in args.seeds:
             sides = {}
-            for side, extra in (("plain", []), ("early_stop", ["study.early_stop.enabled=true"])):
+            for side, extra in (("plain", []), ("early_stop", ["study.early_stop.enabled=true", *args.settings])):
                 work = fresh(Path(tmp) / f"{side}-{seed}", base)
                 run([str(BIN / "pqsweep"), "-m", *common, f"hydra.sweeper.sampler.seed={seed}", *extra,
                      *stores(work)], work)
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
             plain = finished["plain"]
             on_front = pareto_front([point(r) for r in plain], OBJECTIVES)
             dominated = [r for r, front_ in zip(plain, on_front) if not front_]
-            rows.append({"seed": seed, "trials": args.trials, "stopped": len(stopped),
+            rows.append({"seed": seed, "settings": " ".join(args.settings) or "defaults", "trials": args.trials,
+                         "stopped": len(stopped),
                          "would_have_reached_front": reached, "dominated_plain": len(dominated),
                          "dominated_epochs_plain": sum(int(r.data.tags.get("finetune_epochs_run", 0))
                                                        for r in dominated),
