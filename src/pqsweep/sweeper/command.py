@@ -11,7 +11,7 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import ListConfig
 
-from pqsweep import identity, tracking
+from pqsweep import allocate, allocation, identity, tracking
 from pqsweep.metrics import METRICS, directions
 from pqsweep.reports.pareto import parse_bounds
 from pqsweep.sweeper import space as spaces
@@ -64,6 +64,9 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
     space, said = spaces.with_conditions(space, lambda overrides: loader.load_sweep_config(config, overrides))
     for line in said:
         log.info("%s", line)
+    # a swept per-layer field becomes a param per prunable layer; the model is built (not trained) to name them
+    space, trial_config = allocation.prepare(space, lambda overrides: loader.load_sweep_config(config, overrides),
+                                             bounds)
     if name == ADHOC and space.swept:
         name = "+".join(space.swept)
     if bounds and "constraints_func" not in config.hydra.sweeper.sampler:
@@ -81,4 +84,6 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
     # a grid's points are enqueued: the sampler that asks for them needs no search space of its own
     ledger = Ledger.open(config, name, space, optuna.samplers.RandomSampler() if grid else sampler, storage,
                          plugin.heartbeat_interval, bounds, params)
+    if trial_config is not None and config.study.allocations and not ledger.study.trials:
+        allocate.enqueue(ledger.study, trial_config, space, list(config.study.allocations))
     return space, ledger

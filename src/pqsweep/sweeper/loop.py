@@ -112,7 +112,7 @@ class Loop:
         self.attempted.add(self.space.key(params))
         self.began[trial.number] = (time.monotonic(), params)
         run_id = self.ledger.start(trial, params)
-        overrides = tuple(f"{k}={v}" for k, v in params.items()) + self.space.overrides + (
+        overrides = self.space.assignments(params) + self.space.overrides + (
             f"launch.trial={trial.number}", f"launch.run_id={run_id}")
         return run_id, overrides
 
