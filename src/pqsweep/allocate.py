@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pqsweep import allocation, measure
-from pqsweep.sweeper.space import Space, grid_choices
+from pqsweep.sweeper.space import Space
 
 log = logging.getLogger("pqsweep.allocate")
 ALLOCATION_ATTR = "pqsweep.allocation"  # on an enqueued trial: the budget it was allocated for
@@ -38,7 +38,7 @@ def val_loss(model: nn.Module, loader) -> float:
 
 def ladders(space: Space) -> dict[str, list]:
     """Each known per-layer field's choices, least compressed first."""
-    return {key: sorted(grid_choices(space.distributions[allocation.param(key, layers[0])]),
+    return {key: sorted(allocation.values(space.distributions[allocation.param(key, layers[0])]),
                         key=lambda v: ORDER[key] * v)
             for key, layers in space.layered.items() if key in ORDER}
 

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution
+from optuna.distributions import BaseDistribution
 
 from pqsweep.schema import per_layer_field
 from pqsweep.sweeper.space import LAYER_SEP as SEP
@@ -45,13 +45,20 @@ def param(key: str, layer: str) -> str:
 
 
 def model_and_data(cfg: DictConfig):
-    """(the untrained model, loaders, one example input) as a trial builds them: same data stage, same factory."""
-    from pqsweep.pipeline import build_model, load_data, stages_of
+    """(the untrained model, loaders, one example input) as a trial builds them, from the data set's own builder:
+    nothing is cached or written, so a refused command leaves no trace."""
+    from hydra.utils import get_method
+    from torch.utils.data import DataLoader
+
+    from pqsweep.data import limited
+    from pqsweep.pipeline import build_model
     from pqsweep.train import seed_everything
 
     seed_everything(cfg.train.seed)
-    splits, loaders = load_data(cfg, stages_of(cfg))
+    splits = limited(get_method(cfg.dataset._target_)(cfg.dataset), cfg.dataset.num_samples)
     model = build_model(cfg, splits).cpu().eval()
+    loaders = {name: DataLoader(getattr(splits, name), batch_size=cfg.train.batch_size)
+               for name in ("train", "val", "test")}
     return model, loaders, next(iter(loaders["test"]))[0][:1]
 
 
@@ -61,17 +68,33 @@ def layer_names(model) -> list[str]:
     return [w.name for w in stored_weights(model)]
 
 
+def values(distribution: BaseDistribution, points: int = 5) -> list:
+    """A distribution's values: a discrete one's own, a continuous one's `points` evenly spaced from low to high."""
+    try:
+        return grid_choices(distribution)
+    except StudyMismatch:
+        step = (distribution.high - distribution.low) / (points - 1)
+        return [distribution.low + i * step for i in range(points)]
+
+
+def describe(distribution: BaseDistribution) -> str:
+    try:
+        return f"choice({','.join(map(str, grid_choices(distribution)))})"
+    except StudyMismatch:
+        return str(distribution)
+
+
 def expand(space: Space, cfg: DictConfig, layers: list[str]) -> Space:
     """`space` with each per-layer key replaced by one param per layer, in the model's order."""
     keys = per_layer_keys(space, cfg)
     if not keys:
         return space
     if space.grid:
-        raise StudyMismatch(f"{keys[0]}: a per-layer field swept in a grid is {len(layers)} axes; use a search "
-                            "sampler (hydra/sweeper/sampler=nsgaii or tpe) with hydra.sweeper.n_trials")
+        raise StudyMismatch(f"{keys[0]}={describe(space.distributions[keys[0]])} is not allowed: must be swept by a "
+                            f"search sampler (hydra/sweeper/sampler=nsgaii or tpe): in a grid it is {len(layers)} axes")
     if not layers:
-        raise StudyMismatch(f"{keys[0]}: model={cfg.model.name} has no prunable layer (Conv2d or Linear) to allocate "
-                            "over; sweep a model-wide key instead")
+        raise StudyMismatch(f"{keys[0]}={describe(space.distributions[keys[0]])} is not allowed: must be swept over a "
+                            f"model with a prunable layer (Conv2d or Linear); model={cfg.model.name} has none")
     distributions: dict[str, BaseDistribution] = {}
     for key, distribution in space.distributions.items():
         for name in ([param(key, layer) for layer in layers] if key in keys else [key]):
@@ -84,7 +107,7 @@ def most_compressed(space: Space) -> dict[str, dict[str, object]]:
     out = {}
     for key, layers in space.layered.items():
         if key in MOST_COMPRESSED:
-            pick = MOST_COMPRESSED[key](grid_choices(space.distributions[param(key, layers[0])]))
+            pick = MOST_COMPRESSED[key](values(space.distributions[param(key, layers[0])]))
             out[key] = {layer: pick for layer in layers}
     return out
 
@@ -120,10 +143,10 @@ def refuse_unreachable(bounds, reached: dict[str, float], space: Space) -> None:
         if bound.metric in reached and bound.op.startswith("<") and reached[bound.metric] > bound.limit:
             extreme = ", ".join(f"{key.rsplit('.', 1)[-1]}={next(iter(values.values()))}"
                                 for key, values in most_compressed(space).items())
-            raise StudyMismatch(f"study.constraints={bound.metric}{bound.op}{bound.limit:g} is not reachable: must be "
-                                f">= {reached[bound.metric]:.6g}, the {bound.metric} of this space's most compressed "
-                                f"allocation (every layer at {extreme or 'its configured setting'}), measured before "
-                                "training")
+            raise StudyMismatch(f"study.constraints={bound.metric}{bound.op}{bound.limit:g} is not allowed: must be "
+                                f"at least {reached[bound.metric]:.6g}, the {bound.metric} of this space's most "
+                                f"compressed allocation (every layer at {extreme or 'its configured setting'}), "
+                                "measured before training: no allocation reaches less")
 
 
 def prepare(space: Space, compose: Callable[[list[str]], DictConfig], bounds) -> tuple[Space, DictConfig | None]:
