@@ -116,7 +116,8 @@ def main() -> None:
             rows.append([f"  its sensitivity allocations alone", str(len(first)), f"{volume(first):.6g}",
                          f"{volume(first) / grid_hv:.3f}", f"{best_within(first, limit):.2f}", "", ""])
     print(table(header, rows))
-    print(f"{where}; fp32 size_theoretical_mb {fp32:.6f}, budget {limit:.6f} MB. train.epochs={args.epochs} "
+    print(f"{where}; fp32 size_theoretical_mb {fp32:.6f}, budget {limit:.6f} MB; baseline top1 "
+          f"{everything[0].get('baseline_top1', float('nan')):.2f} %. train.epochs={args.epochs} "
           f"train.finetune_epochs={args.finetune_epochs}, {args.threads} torch thread(s).")
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,8 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
                 try:
                     checked(compose(hydra, config_name, fixed + [override]))
                 except Exception as error:  # noqa: BLE001
-                    return one_line(override, error, config_name, search, hydra)
+                    # a per-layer value is refused under the key the command swept, not the probe's
+                    return one_line(override, error, config_name, search, hydra).replace(f".{PROBE_LAYER}=", "=")
     return None
 
 
