@@ -79,6 +79,8 @@ BAD = {
                                   "pruning.layer_sparsity.0"),
     "layer sparsities for a whole-model pruner": ("pruning=global_magnitude ++pruning.layer_sparsity={0:0.5}",
                                                   "pruning.layer_sparsity"),
+    "layer sparsities with a global iterative ranking": ("pruning=iterative ++pruning.layer_sparsity={0:0.5}",
+                                                         "pruning.scope"),
     "a layer at 17 bits": ("quantization=fake_quant ++quantization.layer_bits={0:17}", "quantization.layer_bits.0"),
     "a swept sparsity of 1.5 for every layer": ("pruning=layer_magnitude pruning.layer_sparsity=0.5,1.5",
                                                 "pruning.layer_sparsity"),
