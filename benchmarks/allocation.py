@@ -104,7 +104,10 @@ def main() -> None:
 
     everything = [r for _, _, rows, _ in sides for r in rows]
     reference, where = reference_point(OBJECTIVES, None, everything)
-    volume = lambda rows: hypervolume([[r.get(o.name) for o in OBJECTIVES] for r in rows], OBJECTIVES, reference)  # noqa: E731
+
+    def volume(rows: list[dict]) -> float:
+        return hypervolume([[r.get(o.name) for o in OBJECTIVES] for r in rows], OBJECTIVES, reference)
+
     grid_hv, grid_seconds = volume(sides[0][2]), sides[0][1]
     header = ["side", "trials", "hypervolume", "HV / grid HV", f"best top1 at size <= {BUDGET} x fp32 (%)",
               "wall (s)", "wall / grid"]

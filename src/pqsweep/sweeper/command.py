@@ -75,8 +75,9 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
                     "them", list(config.study.constraints),
                     "grid" if grid else config.hydra.sweeper.sampler._target_.rsplit(".", 1)[-1])
     storage = plugin.storage or studies.default_storage(tracking.resolve_uri(config.tracking.uri))
-    params = {f"sweeper.{k}": str(v) for k, v in (plugin.params or {}).items()}
-    params |= {f"space.{k}": str(v) for k, v in space.distributions.items()}
+    # the swept keys as the trials log them (pqsweep-report's columns); a per-layer field's own key is in none
+    params = {f"sweeper.{k}": str(v) for k, v in (plugin.params or {}).items() if k not in space.layered}
+    params |= {f"space.{k}": str(v) for k, v in zip(space.logged(), space.distributions.values())}
     params |= {"sweeper": "pqsweep", "sampler": "grid" if grid else type(sampler).__name__,
                "objectives": ",".join(objectives)}
     if bounds:

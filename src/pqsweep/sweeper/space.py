@@ -95,6 +95,11 @@ class Space:
         """What the study stores as its search space (a later command must search the same)."""
         return {name: distribution_to_json(d) for name, d in self.distributions.items()}
 
+    def logged(self) -> list[str]:
+        """The swept keys as a trial's run logs them as params: a per-layer param `<field>/<layer>` as
+        `<field>.<layer>` (the report's and the MLflow view's columns)."""
+        return [name.replace(LAYER_SEP, ".") for name in self.distributions]
+
     def assignments(self, params: dict[str, Any]) -> tuple[str, ...]:
         """A trial's overrides for its point: `key=value` each, a per-layer field's params as one mapping."""
         mappings = {key: {} for key in self.layered}
