@@ -141,8 +141,9 @@ def iterative(node) -> list[Check]:
         Check("round_epochs", epochs, epochs is None or epochs >= 0, "null or an integer >= 0"),
     ]
     if node.layer_amounts or node.layer_sparsity:
+        given = "layer_amounts" if node.layer_amounts else "layer_sparsity"
         checks.append(Check("scope", node.scope.value, node.scope == Scope["layer"],
-                            "layer with pruning.layer_amounts or layer_sparsity (global ranks all layers together)"))
+                            f"layer with pruning.{given} (global ranks all layers together)"))
     return checks
 
 
