@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pqsweep import allocation, measure
-from pqsweep.sweeper.space import Space
+from pqsweep.sweeper.space import Space, short
 
 log = logging.getLogger("pqsweep.allocate")
 ALLOCATION_ATTR = "pqsweep.allocation"  # on an enqueued trial: the budget it was allocated for
@@ -146,5 +146,5 @@ def enqueue(study, cfg: DictConfig, space: Space, fractions: list[float]) -> lis
         study.enqueue_trial(params, user_attrs={ALLOCATION_ATTR: f"sensitivity@{fraction:g}"})
         queued.append(params)
         log.info("study.allocations: enqueued the sensitivity allocation for %g x the fp32 size: %s", fraction,
-                 " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items()))
+                 " ".join(f"{short(k)}={v}" for k, v in params.items()))
     return queued

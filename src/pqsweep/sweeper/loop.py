@@ -152,7 +152,7 @@ class Loop:
         """One line per ended trial: how far this run is, the trial's point and result, its time, the time left."""
         done, total = len(self.ended), max(self.total, len(self.ended))
         began, params = self.began.pop(number, (time.monotonic(), {}))
-        point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+        point = " · ".join(f"{spaces.short(k)}={v}" for k, v in params.items())
         result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else f"FAILED ({reason[:80]})"
         line = f"trial {done}/{total} · {point} · {result} · {duration(time.monotonic() - began)}"
         if done < total:

@@ -26,6 +26,12 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 LAYER_SEP = "/"  # a per-layer param's name: `<field>/<layer>` (MLflow allows it in param keys, Hydra's grammar not)
 
 
+def short(name: str) -> str:
+    """A swept key as a progress line shows it: its last part, a per-layer param as `layer_bits[layer1.0.conv1]`."""
+    key, _, layer = name.partition(LAYER_SEP)
+    return f"{key.rsplit('.', 1)[-1]}[{layer}]" if layer else key.rsplit(".", 1)[-1]
+
+
 class StudyMismatch(Exception):
     """The command asks for what its study cannot be or hold; the message is one line, and nothing was written."""
 
