@@ -74,6 +74,18 @@ BAD = {
     "optimizer without a target": ("~train.optimizer._target_", "train.optimizer._target_"),
     "layer amount of 1.5 in its file": ("pruning=layer_magnitude pruning.layer_amounts=<amounts>",
                                         "pruning.layer_amounts"),
+    # per-layer allocation (pqsweep.allocation): its values, where a run takes them and where a sweep does
+    "a layer's sparsity of 1.5": ("pruning=layer_magnitude ++pruning.layer_sparsity={0:1.5}",
+                                  "pruning.layer_sparsity.0"),
+    "layer sparsities for a whole-model pruner": ("pruning=global_magnitude ++pruning.layer_sparsity={0:0.5}",
+                                                  "pruning.layer_sparsity"),
+    "layer sparsities with a global iterative ranking": ("pruning=iterative ++pruning.layer_sparsity={0:0.5}",
+                                                         "pruning.scope"),
+    "a layer at 17 bits": ("quantization=fake_quant ++quantization.layer_bits={0:17}", "quantization.layer_bits.0"),
+    "a swept sparsity of 1.5 for every layer": ("pruning=layer_magnitude pruning.layer_sparsity=0.5,1.5",
+                                                "pruning.layer_sparsity"),
+    "swept bits for every layer without fake_quant": ("quantization.layer_bits=2,4", "quantization.layer_bits"),
+    "an allocation budget above the fp32 size": ("study.allocations=[1.5]", "study.allocations"),
     # recovery: distillation, BN re-estimation, pruning criteria
     "distilling from an untrained baseline": ("train.distill.enabled=true train.epochs=0", "train.distill.enabled"),
     "distillation weight above 1": ("train.distill.alpha=1.5", "train.distill.alpha"),
@@ -293,6 +305,11 @@ CLI = {
     # the sweeper's own refusal, when the sweep starts: before any store or folder is made
     "a custom search space": ("-m hydra.sweeper.custom_search_space=my.extend pruning=random pruning.amount=0,0.5",
                               "hydra.sweeper.custom_search_space"),
+    "a per-layer budget no allocation reaches": (
+        "-m pruning=layer_magnitude quantization=fake_quant hydra/sweeper=pqsweep hydra/sweeper/sampler=tpe "
+        "pruning.layer_sparsity=0.0,0.5 quantization.layer_bits=4,8 "
+        "study.constraints=[\"size_theoretical_mb<=1e-05\"]",
+        "study.constraints"),
 }
 
 

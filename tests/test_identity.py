@@ -52,12 +52,14 @@ def changed(value, path: str, tmp_path: Path):
         return "cuda:1" if path == "device" else f"{value}_other"
     if isinstance(value, (list, ListConfig)):
         return list(value)[:-1] if path.endswith(("orders", "backends")) else list(value) + [
-            {"study.objectives": "top5", "study.constraints": "size_mb<=1", "sensitivity.amounts": 0.33}.get(path,
+            {"study.objectives": "top5", "study.constraints": "size_mb<=1", "sensitivity.amounts": 0.33,
+             "study.allocations": 0.25}.get(path,
                                                                                                            "extra")]
     if path in ("train.distill", "study.early_stop"):  # a node of its own schema: one of its fields changed
         return {**value, "enabled": not value["enabled"]}
     if isinstance(value, (dict, DictConfig)):
-        return {**value, "lr": 0.5} if path == "train.optimizer" else {**value, "extra": "int8"}
+        per_layer = {"pruning.layer_sparsity": 0.5, "quantization.layer_bits": 4}  # {layer: a number}
+        return {**value, "lr": 0.5} if path == "train.optimizer" else {**value, "extra": per_layer.get(path, "int8")}
     if value is None:
         return {"train.scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1},
                 "train.trainable": ["fc"], "train.finetune_lr": 0.5, "tracking.experiment": "x"}.get(path, 1)

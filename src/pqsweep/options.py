@@ -162,6 +162,9 @@ class PruningConfig:
     amount: float = shapes("prune", default=0.0)
     # YAML {layer: amount} (pqsweep-sensitivity writes one); overrides amount. Its content enters the key.
     layer_amounts: Optional[str] = shapes("prune", default=None, key=file_content)
+    # {layer: sparsity} given inline, over layer_amounts' file; what an allocation sweep sets for every prunable layer
+    # (pqsweep.allocation). Any: Hydra reads an nn.Sequential child's name (0, 3) as an int
+    layer_sparsity: Dict[Any, float] = shapes("prune", factory=dict, added=True)
     # Facts the method declares about itself in its option file:
     stored_weights: bool = fact(False)  # prunes weights as stored (fp16, int8): allowed with quantize_then_prune
     per_layer: bool = fact(False)  # takes per-layer amounts (layer_amounts); pqsweep-sensitivity scans such methods
@@ -272,3 +275,6 @@ class FakeQuantConfig(QuantizationConfig):
     rounding: Rounding = shapes("trial", default=Rounding.nearest, added=True)  # of the weights
     # Adam steps per layer that AdaRound learns its rounding in (the paper: 10,000; a few hundred on a small net)
     adaround_iterations: int = shapes("trial", default=1000, added=True)
+    # {layer: weight bits} over bits_w, for the layers it names: 2..16, or 32 to keep that layer float (its weight
+    # unrounded, its input unquantized); what an allocation sweep sets for every prunable layer (pqsweep.allocation)
+    layer_bits: Dict[Any, int] = shapes("trial", factory=dict, added=True)

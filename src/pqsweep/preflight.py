@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from pqsweep import environment
-from pqsweep.schema import OPTION_GROUPS, register
+from pqsweep.schema import OPTION_GROUPS, PROBE_LAYER, per_layer_field, register
 from pqsweep.checks import ConfigError, refuse_first
 from pqsweep.validate import validate
 
@@ -162,10 +162,14 @@ def check(overrides: list[str], config_name: str = "config", config_dir: str | N
         sweeps += expand([f"{k}={v}" for k, v in params.items() if k not in given])[1]
         for alternatives in sweeps:
             for override in alternatives:
+                key, _, value = override.partition("=")
+                if per_layer_field(cfg, key):  # one value per layer: checked as one layer's (no model built here)
+                    override = f"++{key}={{{PROBE_LAYER}:{value}}}"
                 try:
                     checked(compose(hydra, config_name, fixed + [override]))
                 except Exception as error:  # noqa: BLE001
-                    return one_line(override, error, config_name, search, hydra)
+                    # a per-layer value is refused under the key the command swept, not the probe's
+                    return one_line(override, error, config_name, search, hydra).replace(f".{PROBE_LAYER}=", "=")
     return None
 
 

@@ -10,6 +10,7 @@ and a run's params follow from these declarations. The range checks of each sche
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -127,6 +128,10 @@ class StudyConfig:
     # Which trials a study completes, not any trial's result (a trial that is not stopped ends as it would without):
     # a study's setting, compared on resume like its objectives.
     early_stop: EarlyStopConfig = shapes("study", factory=EarlyStopConfig, added=True)
+    # Size budgets, as fractions of the fp32 model's size_theoretical_mb (e.g. [0.25, 0.1]): for each, a per-layer
+    # allocation chosen from each layer's measured sensitivity is enqueued as one of a new study's first trials
+    # (pqsweep.allocate). For a search over per-layer fields (pqsweep.allocation); [] enqueues none.
+    allocations: List[float] = shapes("study", factory=list, added=True)
 
 
 @dataclass
@@ -197,6 +202,22 @@ def divided(a: Any, b: Any) -> float | None:
 def paper_cpu(paper: Any, cpu: Any, *, _root_: DictConfig) -> Any:
     """The resolver ${paper_cpu:<paper value>,<cpu value>}: the one of the run's scale."""
     return paper if _root_.scale == "paper" else cpu
+
+
+def per_layer_field(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` names a field its schema declares as a mapping {layer: value} (pruning.layer_sparsity,
+    quantization.layer_bits): swept with one distribution, it is one param per prunable layer (pqsweep.allocation).
+    A group, or a node such as train.distill, is not one."""
+    parent_key, _, name = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else None
+    schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return False
+    declared = next((f.type for f in dataclasses.fields(schema) if f.name == name), None)
+    return str(declared).startswith(("Dict", "dict", "typing.Dict"))
+
+
+PROBE_LAYER = "every_layer"  # the pre-run check composes a per-layer field's swept values under this one name
 
 
 def register() -> None:

@@ -107,6 +107,11 @@ def pruning(node) -> list[Check]:
                             "a YAML file mapping layer names to fractions in [0, 1)"))
         checks.append(Check("layer_amounts", node.layer_amounts, node.per_layer,
                             f"null: pruning={node.name} takes one amount for all layers, not per-layer amounts"))
+    for layer, amount in node.layer_sparsity.items():
+        checks.append(Check(f"layer_sparsity.{layer}", amount, number(amount) and 0 <= amount < 1, FRACTION))
+    if node.layer_sparsity:
+        checks.append(Check("layer_sparsity", dict(node.layer_sparsity), node.per_layer,
+                            f"{{}}: pruning={node.name} takes one amount for all layers, not per-layer amounts"))
     return checks
 
 
@@ -125,7 +130,9 @@ def option_value(option) -> str:
 
 def structured_unstructured(node) -> list[Check]:
     return l1_filter(node) + [Check(key, node[key], 0.0 <= node[key] < 1.0, FRACTION)
-                            for key in ("structured", "unstructured")]
+                            for key in ("structured", "unstructured")] + [
+        Check("layer_sparsity", dict(node.layer_sparsity), not node.layer_sparsity,
+              f"{{}}: pruning={node.name}'s per-layer amounts are its filter step's, given by layer_amounts")]
 
 
 def iterative(node) -> list[Check]:
@@ -134,9 +141,10 @@ def iterative(node) -> list[Check]:
         at_least("rounds", node.rounds, 1),
         Check("round_epochs", epochs, epochs is None or epochs >= 0, "null or an integer >= 0"),
     ]
-    if node.layer_amounts:
+    if node.layer_amounts or node.layer_sparsity:
+        given = "layer_amounts" if node.layer_amounts else "layer_sparsity"
         checks.append(Check("scope", node.scope.value, node.scope == Scope["layer"],
-                            "layer with pruning.layer_amounts (global ranks all layers together)"))
+                            f"layer with pruning.{given} (global ranks all layers together)"))
     return checks
 
 
@@ -177,7 +185,12 @@ def fake_quant(node) -> list[Check]:
                                 at_least("adaround_iterations", node.adaround_iterations, 1),
                                 Check("adaround_iterations", node.adaround_iterations,
                                       node.rounding == Rounding.adaround or node.adaround_iterations == 1000,
-                                      "1000 (its default): rounding=nearest does not use it")]
+                                      "1000 (its default): rounding=nearest does not use it")] \
+        + [Check(f"layer_bits.{layer}", bits, bits in LAYER_BITS, "an integer in 2..16, or 32 (the layer kept float)")
+           for layer, bits in node.layer_bits.items()]
+
+
+LAYER_BITS = (*range(2, 17), 32)  # fake_quant's weight bits per layer; 32 keeps a layer float
 
 
 def train(node) -> list[Check]:
@@ -271,7 +284,9 @@ def study(node) -> list[Check]:
             Check("early_stop.enabled", True, not node.early_stop.enabled or (
                 any(o in CURVED for o in node.objectives) and not any(o in UNCURVED for o in node.objectives)),
                 "false, or objectives whose accuracy is top1 or top1_delta: a trial's curve predicts top-1, not "
-                f"{' or '.join(UNCURVED)}")]
+                f"{' or '.join(UNCURVED)}"),
+            Check("allocations", list(node.allocations), all(0 < f <= 1 for f in node.allocations),
+                  "fractions in (0, 1] of the fp32 model's size_theoretical_mb")]
 
 
 # Never test: the amounts a sensitivity scan chooses are a decision, and test data must not make it.

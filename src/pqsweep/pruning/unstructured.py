@@ -54,7 +54,7 @@ def layer_amounts_for(weights: list[StoredWeight], cfg, default: float) -> list[
 
 
 def refuse_layer_amounts(cfg, method: str) -> None:
-    if cfg.get("layer_amounts"):
+    if cfg.get("layer_amounts") or cfg.get("layer_sparsity"):
         raise ValueError(f"pruning.layer_amounts={cfg.layer_amounts}: per-layer amounts need a per-layer method, "
                          f"not {method} (use pruning=layer_magnitude, or iterative with scope=layer)")
 
@@ -115,14 +115,20 @@ def random_weights(model: nn.Module, cfg, ctx=None) -> nn.Module:
         return draw.masked_fill(magnitude == 0, -1.0)
 
     weights = weights_to_prune(model, cfg.amount)
-    per_layer = cfg.get("layer_amounts")
+    per_layer = cfg.get("layer_amounts") or cfg.get("layer_sparsity")
     prune_by_score(weights, score, layer_amounts_for(weights, cfg, float(cfg.amount)) if per_layer else float(cfg.amount))
     return relowered(model)
 
 
 def read_layer_amounts(cfg) -> dict[str, float]:
     """`pruning.layer_amounts`: a YAML file {layer name: amount} (pqsweep-sensitivity writes one), a mapping (the
-    scan passes one), or {} if unset."""
+    scan passes one), or {} if unset; `pruning.layer_sparsity`'s inline amounts over it."""
+    inline = cfg.get("layer_sparsity") or {}
+    inline = OmegaConf.to_container(inline) if OmegaConf.is_config(inline) else dict(inline)
+    return {**_layer_amounts_file(cfg), **{str(k): float(v) for k, v in inline.items()}}
+
+
+def _layer_amounts_file(cfg) -> dict[str, float]:
     value = cfg.get("layer_amounts")
     if not value:
         return {}

@@ -107,21 +107,39 @@ def fake_quant(model: nn.Module, cfg, ctx) -> nn.Module:
             raise ValueError(f"quantization.{key}={cfg[key]} is not allowed: must be an integer in 2..16")
     per_channel = str(getattr(cfg.granularity, "value", cfg.granularity)) == "per_channel"
     model = fuse(copy.deepcopy(model).cpu().eval(), inplace=True)  # BatchNorm folded into its conv
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    bits = layer_bits(cfg, [name for name, _ in found])
+    layers = [(name, m) for name, m in found if bits[name] != FLOAT_BITS]  # a 32-bit layer stays float, input too
     batches = [x.cpu() for x, _ in islice(ctx.loaders["train"], cfg.calibration_batches)]
-    ranges = _input_ranges(model, [layer for _, layer in layers], batches)
-    grids = [weight_grid(layer.weight.data, cfg.bits_w, cfg.symmetric, per_channel) for _, layer in layers]
+    ranges = _input_ranges(model, [layer for _, layer in layers], batches) if layers else []
+    grids = [weight_grid(layer.weight.data, bits[name], cfg.symmetric, per_channel) for name, layer in layers]
     if str(getattr(cfg.get("rounding"), "value", cfg.get("rounding"))) == "adaround":
         _adaround(model, layers, grids, batches, int(cfg.adaround_iterations))
     else:
         for (_, layer), grid in zip(layers, grids):
             layer.weight.data = grid.nearest(layer.weight.data)
     for (name, layer), (lo, hi) in zip(layers, ranges):
-        layer.weight_bits = int(cfg.bits_w)
+        layer.weight_bits = bits[name]
         parent, _, attr = name.rpartition(".")
         # fuse() returns a GraphModule whose code looks submodules up by name at call time, so it runs the wrapper
         setattr(model.get_submodule(parent), attr, FakeQuantized(layer, cfg.bits_a, cfg.symmetric, lo, hi))
     return model.eval()
+
+
+FLOAT_BITS = 32  # a layer_bits value that keeps the layer in float32
+
+
+def layer_bits(cfg, names: list[str]) -> dict[str, int]:
+    """Each layer's weight bits: `layer_bits` for the layers it names (an allocation), `bits_w` for the rest."""
+    given = {str(k): int(v) for k, v in (cfg.get("layer_bits") or {}).items()}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"quantization.layer_bits: no Conv2d/Linear layer named {', '.join(unknown)} (layers: "
+                         f"{', '.join(names)})")
+    wrong = {k: v for k, v in given.items() if not (2 <= v <= 16 or v == FLOAT_BITS)}
+    if wrong:
+        raise ValueError(f"quantization.layer_bits={wrong} is not allowed: each must be an integer in 2..16, or 32")
+    return {name: given.get(name, int(cfg.bits_w)) for name in names}
 
 
 def _adaround(model: nn.Module, layers: list[tuple[str, nn.Module]], grids: list[Grid], batches, iterations: int):

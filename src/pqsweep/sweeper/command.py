@@ -12,7 +12,7 @@ import optuna
 from hydra.utils import instantiate
 from omegaconf import ListConfig, open_dict
 
-from pqsweep import identity, tracking
+from pqsweep import allocate, allocation, identity, tracking
 from pqsweep.metrics import METRICS, directions
 from pqsweep.reports.pareto import parse_bounds
 from pqsweep.sweeper import space as spaces
@@ -66,6 +66,9 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
     space, said = spaces.with_conditions(space, lambda overrides: loader.load_sweep_config(config, overrides))
     for line in said:
         log.info("%s", line)
+    # a swept per-layer field becomes a param per prunable layer; the model is built (not trained) to name them
+    space, trial_config = allocation.prepare(space, lambda overrides: loader.load_sweep_config(config, overrides),
+                                             bounds)
     if name == ADHOC and space.swept:
         name = "+".join(space.swept)
     name, why = variation.name_for(plugin, name, space.swept)
@@ -83,8 +86,9 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
         log.info("study.early_stop with the grid sampler: a point that cannot reach the front is stopped (PRUNED) "
                  "and not run again on resume, so its row stays empty in reports")
     storage = plugin.storage or studies.default_storage(tracking.resolve_uri(config.tracking.uri))
-    params = {f"sweeper.{k}": str(v) for k, v in (plugin.params or {}).items()}
-    params |= {f"space.{k}": str(v) for k, v in space.distributions.items()}
+    # the swept keys as the trials log them (pqsweep-report's columns); a per-layer field's own key is in none
+    params = {f"sweeper.{k}": str(v) for k, v in (plugin.params or {}).items() if k not in space.layered}
+    params |= {f"space.{k}": str(v) for k, v in zip(space.logged(), space.distributions.values())}
     params |= {"sweeper": "pqsweep", "sampler": "grid" if grid else type(sampler).__name__,
                "objectives": ",".join(objectives)}
     if bounds:
@@ -92,4 +96,6 @@ def prepare(plugin, arguments: list[str]) -> tuple[Space, Ledger]:
     # a grid's points are enqueued: the sampler that asks for them needs no search space of its own
     ledger = Ledger.open(config, name, space, optuna.samplers.RandomSampler() if grid else sampler, storage,
                          plugin.heartbeat_interval, bounds, params)
+    if trial_config is not None and config.study.allocations and not ledger.study.trials:
+        allocate.enqueue(ledger.study, trial_config, space, list(config.study.allocations))
     return space, ledger

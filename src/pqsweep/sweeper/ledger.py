@@ -92,7 +92,7 @@ class Ledger:
             parent = tracking.create_parent(experiment_id, name, parent_params, tags)
             study.set_user_attr(studies.TRACKING_ATTR, tracking.masked(uri))
             study.set_user_attr(studies.PARENT_ATTR, parent)
-        view.share_view(experiment_id, objectives, tuple(space.distributions))  # the runs table it opens with
+        view.share_view(experiment_id, objectives, tuple(space.logged()))  # the runs table it opens with
         study.set_user_attr(studies.READY_ATTR, True)
         return cls(study, storage, name, experiment_id, parent, objectives, bounds, shown, str(storage_url))
 

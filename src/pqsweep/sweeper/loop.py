@@ -113,7 +113,7 @@ class Loop:
         self.attempted.add(self.space.key(params))
         self.began[trial.number] = (time.monotonic(), params)
         run_id = self.ledger.start(trial, params)
-        overrides = tuple(f"{k}={v}" for k, v in params.items()) + self.space.overrides + (
+        overrides = self.space.assignments(params) + self.space.overrides + (
             f"launch.trial={trial.number}", f"launch.run_id={run_id}")
         if self.plugin.config.study.early_stop.enabled:  # the trial records its curve and reads the front there
             overrides += (f"launch.study='{self.ledger.name}'", f"launch.storage='{self.ledger.url}'")
@@ -169,7 +169,7 @@ class Loop:
         # the time since the last trial ended, not the trial's own: the bookkeeping between trials counts too, and
         # trials run side by side (a joblib launcher) share it
         self.times.append(estimate.Ended(since, stages or {}, params, at=now))
-        point = " · ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in params.items())
+        point = " · ".join(f"{spaces.short(k)}={v}" for k, v in params.items())
         result = f"{self.ledger.objectives[0]} {values[0]:.4g}" if values else \
             reason if reason.startswith("stopped") else f"FAILED ({reason[:80]})"
         line = f"trial {done}/{total} · {point} · {result} · {duration(took)}"

@@ -25,6 +25,15 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from pqsweep.console import plural
 
 
+LAYER_SEP = "/"  # a per-layer param's name: `<field>/<layer>` (MLflow allows it in param keys, Hydra's grammar not)
+
+
+def short(name: str) -> str:
+    """A swept key as a progress line shows it: its last part, a per-layer param as `layer_bits[layer1.0.conv1]`."""
+    key, _, layer = name.partition(LAYER_SEP)
+    return f"{key.rsplit('.', 1)[-1]}[{layer}]" if layer else key.rsplit(".", 1)[-1]
+
+
 class StudyMismatch(Exception):
     """The command asks for what its study cannot be or hold; the message is one line, and nothing was written."""
 
@@ -74,6 +83,8 @@ class Space:
     choices: dict[str, list[Any]] = field(default_factory=dict)  # a grid's values per key, late keys last
     overrides: tuple[str, ...] = ()  # what every trial gets besides its point
     conditions: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)  # key -> (its group, options having it)
+    # a per-layer field -> its layers: params `<field>/<layer>`, given to a trial as one override (pqsweep.allocation)
+    layered: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def swept(self) -> list[str]:
@@ -91,6 +102,24 @@ class Space:
     def stored(self) -> dict[str, str]:
         """What the study stores as its search space (a later command must search the same)."""
         return {name: distribution_to_json(d) for name, d in self.distributions.items()}
+
+    def logged(self) -> list[str]:
+        """The swept keys as a trial's run logs them as params: a per-layer param `<field>/<layer>` as
+        `<field>.<layer>` (the report's and the MLflow view's columns)."""
+        return [name.replace(LAYER_SEP, ".") for name in self.distributions]
+
+    def assignments(self, params: dict[str, Any]) -> tuple[str, ...]:
+        """A trial's overrides for its point: `key=value` each, a per-layer field's params as one mapping."""
+        mappings = {key: {} for key in self.layered}
+        plain = []
+        for name, value in params.items():
+            key, _, layer = name.partition(LAYER_SEP)
+            if key in mappings and layer:
+                mappings[key][layer] = value
+            else:
+                plain.append(f"{name}={value}")
+        return tuple(plain) + tuple(f"++{key}={{{','.join(f'{layer}:{v}' for layer, v in values.items())}}}"
+                                    for key, values in mappings.items() if values)
 
     def suggest(self, trial) -> dict[str, Any]:
         """The trial's values for the swept keys (a queued grid point's own, else the sampler's), by Optuna's public
@@ -159,7 +188,7 @@ def with_seeds(space: Space, first: int, n: int) -> Space:
     seeds = list(range(first, first + n))
     distributions = {SEED: CategoricalDistribution(seeds), **space.distributions}
     overrides = tuple(o for o in space.overrides if not o.startswith(SEED + "="))  # the first seed is the point's
-    return Space(True, distributions, {SEED: seeds, **space.choices}, overrides, space.conditions)
+    return Space(True, distributions, {SEED: seeds, **space.choices}, overrides, space.conditions, space.layered)
 
 
 def with_conditions(space: Space, compose: Callable[[list[str]], DictConfig]) -> tuple[Space, list[str]]:
@@ -191,7 +220,7 @@ def with_conditions(space: Space, compose: Callable[[list[str]], DictConfig]) ->
                 conditions[key] = (group, options)
                 said.append(f"{key} is suggested only with {group}={','.join(map(str, options))}")
     ordered = dict(sorted(space.distributions.items(), key=lambda item: item[0] in conditions))  # groups first
-    return Space(space.grid, ordered, space.choices, space.overrides, conditions), said
+    return Space(space.grid, ordered, space.choices, space.overrides, conditions, space.layered), said
 
 
 # -- a grid's bookkeeping: which points are done, queued, to run again --------------------------------------------
