@@ -80,8 +80,8 @@ def test_a_new_user_sees_the_study_its_trials_objectives_chart_and_models(sweep,
     trials = {r.info.run_name: r for r in client.search_runs(experiment_ids(client), "tags.stage = 'trial'")}
     assert set(trials) == TRIALS and client.get_experiment(parent.info.experiment_id).name == STUDY
     # the grid's front on (top1 up, size_mb down): int8 halves size at no loss at 0.5
-    front = {name for name, run in trials.items() if run.data.tags.get("pareto") == "front"}
-    assert front == {"cnn·gm0.5·int8"} and {r.data.tags["pareto"] for r in trials.values()} == {"front", "dominated"}
+    front = {name for name, run in trials.items() if run.data.tags.get("pareto") == "true"}
+    assert front == {"cnn·gm0.5·int8"} and {r.data.tags["pareto"] for r in trials.values()} == {"true", "false"}
     shots = screenshots(tmp_path)
     window = {"x": 0, "y": 0, "width": 1600, "height": 1000}
 

@@ -12,7 +12,7 @@ hold, read from 3.17's UI (experiment-page `ExperimentPageUIState`, and the hook
 - nothing that rounds a number: the table shows a metric as logged (latency to 9 digits). pqsweep logs no rounded
   second copy; `pqsweep-report` prints the rounded table;
 - nothing that colours a scatter's points by a value: the front is marked by the trials' `pareto` tag, a column here
-  (`front` or `dominated`, written when the study ends); the chart's tooltip names each point's run.
+  (`true` on the front, `false` otherwise, as pqsweep-report writes it; written when the study ends); the chart's tooltip names each point's run.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from mlflow.tracking import MlflowClient
 from pqsweep.metrics import METRICS, VIEW
 
 VIEW_KEY = "pqsweep"
-FRONT_TAG = "pareto"  # `front` on a trial of the study's Pareto front (Optuna's best trials), `dominated` otherwise
+# `true` on a trial of the study's Pareto front (Optuna's best trials), `false` otherwise: the values pqsweep-report
+# writes, so the MLflow filter tags.pareto = "true" means one thing whoever wrote it
+FRONT_TAG = "pareto"
 SECTION = "pqsweep: objectives"
 # px: what fits a 1600-wide window beside the pinned run name and the page's side bar
 METRIC_WIDTH, PARAM_WIDTH, TAG_WIDTH = 118, 128, 96
@@ -77,10 +79,10 @@ def share_view(experiment_id: str, objectives=(), swept: tuple[str, ...] = ()) -
 
 
 def mark_front(front: list[str], dominated: list[str]) -> None:
-    """Tag the runs of the study's Pareto front `front` and the others `dominated` (rewritten at each study end: a
+    """Tag the runs of the study's Pareto front `front` true and the others (`dominated`) false (rewritten at each study end: a
     resumed study's front moves)."""
     client = MlflowClient()
-    for run_id, value in [(r, "front") for r in front] + [(r, "dominated") for r in dominated]:
+    for run_id, value in [(r, "true") for r in front] + [(r, "false") for r in dominated]:
         client.set_tag(run_id, FRONT_TAG, value)
 
 

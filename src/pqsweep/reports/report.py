@@ -347,10 +347,6 @@ def log_back(client: MlflowClient, sweep: Sweep, rows: list[Row], out: Path, vol
     print(f"logged the report to MLflow run {parent} (artifacts report/, trial tags pareto=true|false)")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def early_stopping(sweep: Sweep) -> str | None:
     """What study.early_stop did in a sweep: the trials it stopped and the fine-tune epochs they did not run."""
     stopped = [r for r in sweep.trials if r.data.tags.get("early_stopped") == "true"]
@@ -362,3 +358,7 @@ def early_stopping(sweep: Sweep) -> str | None:
             f"early_stop_reason tag), {saved:.0f} of {ran + saved:.0f} fine-tune epochs saved "
             f"({saved / (ran + saved):.0%}); benchmarks/early_stop.py runs stopped trials to the end to see whether "
             f"any would have reached the front")
+
+
+if __name__ == "__main__":
+    main()
