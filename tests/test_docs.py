@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 WIDTH = 120
 # the pages the README's table of contents promises (issue 24); another branch's page joins them when it lands
-OWN_PAGES = ["studies", "reports", "ui", "search", "runtimes", "papers", "methods", "recovery", "performance", "metrics",
+OWN_PAGES = ["studies", "reports", "ui", "search", "allocation", "runtimes", "papers", "methods", "recovery", "performance", "metrics",
              "extending", "tests"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
