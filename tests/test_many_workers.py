@@ -112,7 +112,7 @@ def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat_and_its_point_r
             if worker.poll() is None:
                 worker.kill()
     living = logs["living"].read_text()
-    found = re.findall(r"\[([\d-]+ [\d:,]+)\]\[HYDRA\] study pruning.amount: 1 trial\(s\) left RUNNING", living)
+    found = re.findall(r"\[([\d-]+ [\d:,]+)\]\[HYDRA\] study pruning.amount: 1 trial left RUNNING", living)
     assert len(found) == 1, living[-3000:]
     (found,) = found
     seconds = (datetime.strptime(found, "%Y-%m-%d %H:%M:%S,%f") - lost).total_seconds()

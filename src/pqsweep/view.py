@@ -79,11 +79,17 @@ def share_view(experiment_id: str, objectives=(), swept: tuple[str, ...] = ()) -
 
 
 def mark_front(front: list[str], dominated: list[str]) -> None:
-    """Tag the runs of the study's Pareto front `front` true and the others (`dominated`) false (rewritten at each study end: a
-    resumed study's front moves)."""
+    """Tag the runs of the study's Pareto front `front` true and the others (`dominated`) false (rewritten at each
+    study end: a resumed study's front moves). Workers ending one study together may write the same tag at once: a
+    tracking server on PostgreSQL then refuses the second insert (UniqueViolation), and writing it again updates."""
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient()
     for run_id, value in [(r, "true") for r in front] + [(r, "false") for r in dominated]:
-        client.set_tag(run_id, FRONT_TAG, value)
+        try:
+            client.set_tag(run_id, FRONT_TAG, value)
+        except MlflowException:
+            client.set_tag(run_id, FRONT_TAG, value)
 
 
 def ui_link(experiment_id: str, run_id: str | None = None) -> str:

@@ -319,7 +319,8 @@ class Loop:
                  f"{stopped} stopped early, " if stopped else "", len(failed), len(killed), self.plan())
         for number, status, reason in failed + killed:
             log.info("  trial %d %s: %s", number, status, reason)
-        self.ledger.mark_front()
+        if not self.ledger.running():  # the worker that ends the study marks its front, once it is final
+            self.ledger.mark_front()
         log.info("study %s in MLflow: %s", self.ledger.name, view.ui_link(self.ledger.experiment_id))
         self.ledger.tag({"trials_finished": str(finished), "trials_failed": str(len(failed)),
                          "trials_killed": str(len(killed)), "trials_stopped": str(stopped)})
