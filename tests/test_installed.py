@@ -164,8 +164,11 @@ def test_the_installed_app_composes_a_packaged_sweep_file(installed):
     # resolved: a paper sweep writes its scale-dependent values as ${paper_cpu:..} (scale=cpu by default)
     job = yaml.safe_load(installed.pqsweep("--cfg", "job", "--resolve", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     assert job["study"] == {"name": "mnist_cnn_sparsity_x_precision", "objectives": ["top1", "size_gzip_mb"],
-                            "storage": None, "constraints": [], "seeds": 1}  # default store: optuna.journal
-    assert job["launch"] == {"trial": None, "run_id": None}  # the sweeper sets them for each trial it launches
+                            "storage": None, "constraints": [], "seeds": 1,  # default store: optuna.journal
+                            "early_stop": {"enabled": False, "min_epoch": 2, "margin": 1.0, "min_trials": 4},
+                            "allocations": []}
+    # the sweeper sets them for each trial it launches
+    assert job["launch"] == {"trial": None, "run_id": None, "study": None, "storage": None}
     assert job["dataset"]["name"] == "mnist5k" and job["pruning"]["name"] == "global_magnitude"  # its experiment
     sweeper = yaml.safe_load(installed.pqsweep("--cfg", "hydra", "sweep=mnist_cnn_sparsity_x_precision").stdout)
     sweeper = sweeper["hydra"]["sweeper"]
