@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import tempfile
 from pathlib import Path
 
 import optuna
 from optuna.storages.journal import JournalFileBackend
-from timed_sweep import BIN, ROOT, pinned, read_trials, table, timed
+from timed_sweep import ROOT, pqsweep, read_trials, table
 
 from pqsweep import measure, models
 from pqsweep.reports.pareto import hypervolume, parse_objectives, reference_point
@@ -36,18 +35,6 @@ from pqsweep.reports.pareto import hypervolume, parse_objectives, reference_poin
 OBJECTIVES = parse_objectives("top1,size_theoretical_mb", default=[])
 AMOUNTS, BITS = [0.0, 0.5, 0.75, 0.9], [2, 4, 8, 16]
 BUDGET = 0.25  # x the fp32 model's size_theoretical_mb
-
-
-def pqsweep(overrides: list[str], work: Path, cache: Path, threads: int) -> float:
-    """Wall seconds of one `pqsweep -m` in `work` (its MLflow store and study journal there), caching in `cache`."""
-    work.mkdir(parents=True, exist_ok=True)
-    command = [str(BIN / "pqsweep"), "-m", *overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
-               f"cache.dir={cache}", f"hydra.sweep.dir={work}/multirun"]
-    seconds, _, done = timed(command, cwd=work, env=pinned(threads), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}")
-    return seconds
 
 
 def seeded_numbers(work: Path, study: str) -> set[int]:

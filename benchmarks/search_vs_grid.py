@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from timed_sweep import BIN, ROOT, Trial, pinned, read_trials, table, timed
+from timed_sweep import ROOT, Trial, pqsweep, read_trials, table
 
 from pqsweep.reports.pareto import hypervolume, parse_objectives, reference_point
 
@@ -56,18 +55,6 @@ class Side:
     def volume(self, objectives, reference) -> float:
         rows = [[t.metrics.get(o.name) for o in objectives] for t in self.trials]
         return hypervolume(rows, objectives, reference)
-
-
-def pqsweep(overrides: list[str], work: Path, cache: Path, threads: int) -> float:
-    """Wall seconds of one `pqsweep -m` in `work` (its MLflow store and study journal there), caching in `cache`."""
-    work.mkdir(parents=True, exist_ok=True)
-    command = [str(BIN / "pqsweep"), "-m", *overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
-               f"cache.dir={cache}", f"hydra.sweep.dir={work}/multirun"]
-    seconds, _, done = timed(command, cwd=work, env=pinned(threads), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}")
-    return seconds
 
 
 def run_grid(space: str, common: list[str], work: Path, threads: int) -> Side:

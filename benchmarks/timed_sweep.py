@@ -100,6 +100,18 @@ def run_sweep(overrides: list[str], work: Path, threads: int = 1, env: dict[str,
     return Sweep(seconds, cpu_seconds, done.stdout, read_trials(work / "mlflow.db"))
 
 
+def pqsweep(overrides: list[str], work: Path, cache: Path, threads: int) -> float:
+    """Wall seconds of one `pqsweep -m` in `work` (its MLflow store and study journal there), caching in `cache`."""
+    work.mkdir(parents=True, exist_ok=True)
+    command = [str(BIN / "pqsweep"), "-m", *overrides, f"tracking.uri=sqlite:///{work}/mlflow.db",
+               f"cache.dir={cache}", f"hydra.sweep.dir={work}/multirun"]
+    seconds, _, done = timed(command, cwd=work, env=pinned(threads), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}")
+    return seconds
+
+
 def timed(command: list[str], **kwargs) -> tuple[float, float, subprocess.CompletedProcess]:
     """(wall seconds, CPU seconds of the child, its result) of one subprocess.run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
