@@ -23,6 +23,9 @@ BENCH_ARGS_methods := --csv results/methods_cnn_mnist5k.csv
 BENCH_ARGS_speed := --quick
 # search_vs_grid.py's full 96-point grid and 3 x 2 searches took 6-9 min here; --quick (32 points, 10 trials), ~2.5
 BENCH_ARGS_search_vs_grid := --quick
+# early_stop.py's 3 seeds x 2 studies of 24 trials took ~40 min here; one seed of 12 trials at 4 epochs, ~5 min, beside
+# (not over) the committed results/early_stop.csv
+BENCH_ARGS_early_stop := --seeds 0 --trials 12 --epochs 4 --csv results/early_stop_quick.csv
 # runtimes.py's 17 points in 4 runtimes took 7 min here at a load average of 9-12; --quick: 11 points, 1 epoch, 20 repeats
 BENCH_ARGS_runtimes := --quick
 
