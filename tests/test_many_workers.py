@@ -96,9 +96,11 @@ def test_a_worker_lost_on_another_host_is_found_by_its_heartbeat_and_its_point_r
             except KeyError:
                 assert time.monotonic() < deadline, logs["lost"].read_text()[-2000:]
                 time.sleep(0.2)
-        while True:  # a trial of the lost worker in flight, which then says it runs on another host
+        while True:  # a trial of the lost worker in flight, which then says it runs on another host; with its MLflow
+            # run made (a kill between its owner and its run leaves no run to KILL: a race of this test, not a fault)
             theirs = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                      if t.user_attrs.get("pqsweep.pid", "").startswith(f"{workers['lost'].pid}:")]
+                      if t.user_attrs.get("pqsweep.pid", "").startswith(f"{workers['lost'].pid}:")
+                      and t.user_attrs.get("mlflow_run_id")]
             if theirs:
                 break
             assert time.monotonic() < deadline and workers["lost"].poll() is None, logs["lost"].read_text()[-2000:]
