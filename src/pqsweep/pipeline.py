@@ -245,17 +245,29 @@ def costs(cfg: DictConfig, float_model: nn.Module, ctx: Context, reference: dict
     untrained = OmegaConf.merge(cfg.quantization, {k: v for k, v in (("qat_epochs", 0), ("rounding", "nearest"))
                                                   if k in cfg.quantization})
     deployed = get_method(cfg.quantization._target_)(copy.deepcopy(float_model).cpu().eval(), untrained, ctx)
-    mcfg, metrics = cfg.measure, {}
-    metrics.update(measure.sizes(deployed))
-    metrics.update(measure.parameter_counts(deployed))
-    metrics["macs"] = measure.macs(float_model, ctx.example)
+    metrics = structural(deployed, float_model, ctx.example)
     if any(name.startswith("latency") for name in cfg.study.objectives):  # in every runtime one may be an objective
-        metrics.update(measure.latency(deployed, ctx.example, mcfg.threads, mcfg.warmup, mcfg.repeats))
-        metrics.update(latency.measure(deployed, ctx.example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
-                                       mcfg.repeats, cfg.quantization.export_tolerance)[0])
-    metrics["reduction_factor"] = reference["size_mb"] / metrics["size_mb"]
-    metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
-    return metrics
+        metrics.update(latencies(deployed, ctx.example, cfg.measure, cfg.quantization.export_tolerance)[0])
+    return metrics | reductions(metrics, reference)
+
+
+def structural(deployed: nn.Module, float_model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Sizes and parameter counts of the deployed model, MACs of its float counterpart (quantized ops are not
+    counted)."""
+    return {**measure.sizes(deployed), **measure.parameter_counts(deployed), "macs": measure.macs(float_model, example)}
+
+
+def latencies(deployed: nn.Module, example: torch.Tensor, mcfg, tolerance: float) -> tuple[dict, dict[str, str]]:
+    """(latency in eager and in each of `mcfg.runtimes` (pqsweep.latency), what ran each or why it could not)."""
+    elsewhere, found = latency.measure(deployed, example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
+                                       mcfg.repeats, tolerance)
+    return {**measure.latency(deployed, example, mcfg.threads, mcfg.warmup, mcfg.repeats), **elsewhere}, found
+
+
+def reductions(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """The baseline's sizes over this model's."""
+    return {"reduction_factor": reference["size_mb"] / metrics["size_mb"],
+            "reduction_factor_gzip": reference["size_gzip_mb"] / metrics["size_gzip_mb"]}
 
 
 def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: torch.Tensor, mcfg,
@@ -266,13 +278,9 @@ def measure_all(deployed: nn.Module, float_model: nn.Module, loaders, example: t
     metrics = evaluate(deployed, loaders["test"], "evaluate")
     if not mcfg.top5:
         metrics.pop("top5")
-    metrics.update(measure.sizes(deployed))
-    metrics.update(measure.parameter_counts(deployed))
-    metrics["macs"] = measure.macs(float_model, example)
-    metrics.update(measure.latency(deployed, example, mcfg.threads, mcfg.warmup, mcfg.repeats))
-    elsewhere, found = latency.measure(deployed, example, list(mcfg.runtimes), mcfg.threads, mcfg.warmup,
-                                       mcfg.repeats, tolerance)
-    metrics.update(elsewhere)
+    metrics.update(structural(deployed, float_model, example))
+    timed, found = latencies(deployed, example, mcfg, tolerance)
+    metrics.update(timed)
     if tags is not None:
         tags.update(found)
     return metrics
@@ -318,8 +326,7 @@ def run(cfg: DictConfig, artifact_dir: str | Path | None = None) -> RunResult:
         metrics.update(export(deployed, example, cfg.export.value, Path(artifact_dir), cfg.quantization))
 
     metrics["top1_delta"] = metrics["top1"] - reference["top1"]
-    metrics["reduction_factor"] = reference["size_mb"] / metrics["size_mb"]
-    metrics["reduction_factor_gzip"] = reference["size_gzip_mb"] / metrics["size_gzip_mb"]
+    metrics.update(reductions(metrics, reference))
     metrics["baseline_top1"] = reference["top1"]
     kept = cfg.tracking.log_model
     return RunResult(metrics, base, reference, dict(stages.cached), dict(stages.seconds), describe_data(splits),
